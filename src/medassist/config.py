@@ -8,6 +8,7 @@ a :class:`~medassist.errors.ConfigError` that names the key.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from medassist.errors import ConfigError
 
 ModelType = Literal["decoder", "encoder-decoder"]
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 scalars: only true/false are booleans (YAML 1.1 reads `no`, `off`, `yes` as
+    booleans, which would turn `eval_strategy: no` into False), and `1e-3` is a float."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    key: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+# ... and YAML 1.2 floats, so `1e-3` is a number, not a string
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class _Section(BaseModel):
@@ -187,7 +210,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--set '{pair}': expected key=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         _set_dotted(tree, key.strip(), value)
@@ -218,7 +241,7 @@ def load_config(
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
         if loaded is not None and not isinstance(loaded, dict):
