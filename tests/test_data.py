@@ -109,3 +109,20 @@ def test_bad_files_give_one_line(tmp_path):
         assert name in message and needle in message and "\n" not in message
     with pytest.raises(DataError, match="file not found"):
         read_table(tmp_path / "absent.csv", ["question"])
+
+
+@pytest.mark.integration
+def test_medquad_split_has_no_leak():
+    from conftest import MEDQUAD
+
+    if not MEDQUAD.exists():
+        pytest.skip(f"{MEDQUAD} is absent")
+    prepared = prepare_data(DataConfig(path=str(MEDQUAD), group_column=None), seed=42)
+    m = prepared.manifest
+    assert m.rows_read == 15578 and m.rows_kept + sum(m.dropped.values()) == m.rows_read
+    keys = {s: {question_key(e.question) for e in rows} for s, rows in prepared.splits.items()}
+    assert not keys["train"] & keys["test"] and not keys["train"] & keys["validation"]
+    assert 0.04 < m.rows_per_split["test"] / m.rows_kept < 0.06
+    strict = prepare_data(DataConfig(path=str(MEDQUAD), group_column="focus"), seed=42).splits
+    foci = {s: {e.group for e in rows} for s, rows in strict.items()}
+    assert not foci["train"] & foci["test"]
