@@ -202,11 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Subcommands defined beside the stage they drive (evaluation, serving, export)."""
-    return []
+    from medassist import evaluation_cli, export, serving_cli
+
+    return [evaluation_cli.add_commands, serving_cli.add_serving_commands, export.add_commands]
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # nothing phones home unless asked
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

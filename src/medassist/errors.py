@@ -15,3 +15,7 @@ class DataError(MedassistError):
 
 class ModelError(MedassistError):
     """A model cannot be found or loaded; the message says what to install or download."""
+
+
+class TrainingInterrupted(MedassistError):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; the message says how to resume."""

@@ -10,39 +10,60 @@ truncation cuts from the right and drops it); what is left for a trainer is the 
 checkpoints, schedules, precision and distributed launch, which ``Trainer`` does for both
 families alike. ``MedassistTrainer`` adds two things: the LM head applied only where labels
 count (decoder-only), and generation metrics inside ``evaluate`` so ``bertscore_f1`` can pick
-the best checkpoint.
+the best checkpoint; for production runs it also writes checkpoints atomically and keeps the
+data order reproducible across a resume (section "checkpoints"; docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import re
+import shutil
+import signal
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 
 from medassist.config import TrainConfig
 from medassist.data import PreparedData, QAExample, prepare_data, write_splits
-from medassist.errors import ConfigError
+from medassist.errors import ConfigError, TrainingInterrupted
 from medassist.formatting import IGNORE_INDEX, Format, make_format
 from medassist.models import load_pretrained
 
 
 # ---------------------------------------------------------------------------------------
 # precision
-def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 matmul (AVX512-BF16 or AMX), so autocast is fast."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
+    """True where the CPU has native bf16 matmul (x86 AVX512-BF16 or AMX-BF16, Arm BF16), so
+    autocast is fast; elsewhere torch emulates bf16 and it is slower than fp32.
+
+    ``cpuinfo``: the text of ``/proc/cpuinfo`` (read when None; no such file means False).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 / Arm
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def resolve_precision(precision: str, family: str = "decoder", model_name: str = "") -> str:
@@ -134,9 +155,265 @@ def to_dataset(split: TokenizedSplit):
 
 
 # ---------------------------------------------------------------------------------------
+# checkpoints: atomic save, completeness, resume
+STAGING_PREFIX = "tmp-checkpoint-"  # not matched by transformers' `checkpoint-*` globs
+COMPLETE_MARKER = ".complete"
+STATE_FILE = "medassist_state.json"  # counters that transformers' TrainerState does not keep
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder entry to disk; a no-op where the OS or filesystem refuses."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish_checkpoint(staging: Path, final: Path, step: int) -> Path:
+    """Mark a fully written staging folder complete, then rename it to its final name.
+
+    Two guards, because each covers a failure the other does not:
+
+    - *temporary folder + rename*: everything is written to ``tmp-checkpoint-N`` and renamed to
+      ``checkpoint-N`` (one atomic ``rename`` on POSIX) only when complete, so a crash mid-save
+      never leaves a folder that transformers or medassist take for a checkpoint;
+    - *a ``.complete`` marker written last*, listing every file and its size: on filesystems
+      where a folder rename is not atomic (cloud FUSE mounts copy then delete) or after a
+      partial copy of a run directory, a ``checkpoint-N`` without a matching marker is still
+      recognised as incomplete, and resume skips it.
+
+    Files are fsynced before the marker and the marker before the rename, so after a power
+    loss the marker never exists without the data it describes.
+    """
+    files = {}
+    for path in sorted(staging.rglob("*")):
+        if path.is_file():
+            _fsync(path)
+            files[path.relative_to(staging).as_posix()] = path.stat().st_size
+    marker = staging / COMPLETE_MARKER
+    with open(marker, "w", encoding="utf-8") as handle:
+        json.dump({"step": step, "files": files}, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync(staging)
+    if final.exists():  # this step saved again, after resuming from an older checkpoint
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync(final.parent)
+    return final
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from, or None when it is a complete checkpoint."""
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return f"no {COMPLETE_MARKER} marker (the save was interrupted)"
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable {COMPLETE_MARKER} marker"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} expected"
+    return None
+
+
+def complete_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every complete checkpoint, oldest first; warns about the others."""
+    found = []
+    if not checkpoints_dir.is_dir():
+        return found
+    for folder in sorted(checkpoints_dir.iterdir()):
+        if not folder.is_dir():
+            continue
+        if folder.name.startswith(STAGING_PREFIX):
+            warnings.warn(f"skipping incomplete checkpoint {folder} (a save was interrupted)", stacklevel=2)
+            continue
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", folder.name)
+        if not match:
+            continue
+        problem = checkpoint_problem(folder)
+        if problem:
+            warnings.warn(f"skipping incomplete checkpoint {folder}: {problem}", stacklevel=2)
+            continue
+        found.append((int(match.group(1)), folder))
+    return sorted(found)
+
+
+def find_resume_checkpoint(run_dir: Path, value: str | bool = "auto") -> str | None:
+    """The checkpoint ``--resume [auto|PATH]`` means, as a folder path.
+
+    ``auto`` (or True): the newest complete checkpoint in ``RUN/checkpoints``, or None when
+    there is none yet (the run starts from step 0; a warning says so). PATH: a checkpoint
+    folder, or a run directory (its newest complete checkpoint); anything else, or an
+    incomplete checkpoint, is a :class:`ConfigError`. Incomplete checkpoints met on the way
+    are skipped with a warning.
+    """
+    run_dir = Path(run_dir)
+    if value is True or value == "auto":
+        found = complete_checkpoints(run_dir / "checkpoints")
+        if not found:
+            warnings.warn(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'} yet; "
+                          "training starts from step 0", stacklevel=2)
+            return None
+        return str(found[-1][1])
+    path = Path(value)
+    if (path / "checkpoints").is_dir():
+        found = complete_checkpoints(path / "checkpoints")
+        if not found:
+            raise ConfigError(f"--resume {value}: this run directory has no complete checkpoint")
+        return str(found[-1][1])
+    if not path.is_dir():
+        raise ConfigError(f"--resume {value}: no such checkpoint folder (expected RUN/checkpoints/checkpoint-N)")
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"--resume {value}: not a training checkpoint (no trainer_state.json)")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ConfigError(f"--resume {value}: incomplete checkpoint: {problem}")
+    return str(path)
+
+
+def truncate_metrics(path: Path, checkpoint: Path) -> int:
+    """Cut ``metrics.jsonl`` back to the events the checkpoint had logged; returns how many stay.
+
+    Each line is one ``Trainer.log`` call, as is each entry of the checkpoint's
+    ``log_history``, so after a resume the file holds exactly the events of the resumed
+    trajectory: those logged after the checkpoint by the crashed process are dropped (they are
+    logged again, with the same steps, as training continues) and none is written twice.
+    """
+    if not path.is_file():
+        return 0
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    keep = len(state.get("log_history", []))
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if len(kept) == keep:
+            break
+        try:
+            json.loads(line)
+        except ValueError:  # a line cut by the crash
+            break
+        kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(kept)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def run_on_main_process(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only; the other ranks wait and receive its result.
+
+    Used for generation metrics under DDP: rank 0 generates for the whole evaluation subset,
+    so the numbers are exactly those of a single-process run on the same examples (sharding
+    generation would change batch composition, padding and hence greedy outputs). With one
+    process this is just ``fn()``.
+    """
+    if _world_size() == 1:
+        return fn()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as exc:  # noqa: BLE001 - tell the waiting ranks, then re-raise
+            box[0] = ("error", f"{type(exc).__name__}: {exc}")
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+class EpochSeededSampler(torch.utils.data.Sampler):
+    """``LengthGroupedSampler`` with its shuffle seeded by ``seed + epoch``.
+
+    transformers' length-grouped sampler draws from the global RNG, whose state at the start of
+    an epoch differs between an uninterrupted run and one resumed mid-way; seeding each epoch
+    makes the data order a function of (seed, epoch) only, so a resumed run sees the same
+    batches. Every DDP rank computes the same order and accelerate gives each its shard.
+    """
+
+    def __init__(self, inner: LengthGroupedSampler, seed: int):
+        self.inner, self.seed, self.epoch = inner, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        self.inner.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(self.inner)
+
+
+class GracefulStop(TrainerCallback):
+    """SIGTERM / Ctrl-C: finish the current optimizer step, save a checkpoint, stop.
+
+    A second signal aborts at once (KeyboardInterrupt). Under DDP every rank receives the
+    signal from its launcher, possibly at different steps, so the flag is all-reduced at
+    each step end and all ranks stop at the same step (else one would wait forever in the
+    checkpoint's barrier).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, log: Callable[[str], None] = lambda _m: None):
+        self.log = log
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, _frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        self.log(f"received {self.received}: saving a checkpoint after this step, then stopping "
+                 "(send it again to stop at once without saving)")
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.received is not None
+        if _world_size() > 1:
+            flag = torch.tensor([int(stop)], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+            if stop and self.received is None:
+                self.received = "a signal on another rank"
+        if stop:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+# ---------------------------------------------------------------------------------------
 # trainer
 class MedassistTrainer(Trainer):
-    """``Trainer`` with a pruned LM head and generation metrics in ``evaluate``."""
+    """``Trainer`` with a pruned LM head, generation metrics in ``evaluate``, atomic
+    checkpoints (:func:`publish_checkpoint`) and a data order that survives a resume."""
 
     def __init__(self, *args, head_on_answer_only: bool = False,
                  generation_eval: Callable[[Any], dict[str, float]] | None = None, **kwargs):
@@ -145,9 +422,11 @@ class MedassistTrainer(Trainer):
         self.generation_eval = generation_eval
         self.tokens_seen = 0
         self.supervised_tokens_seen = 0
+        self.examples_seen = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
+            self.examples_seen += int(inputs["input_ids"].shape[0])
             self.tokens_seen += int(inputs["attention_mask"].sum())
             self.supervised_tokens_seen += int((inputs["labels"] != IGNORE_INDEX).sum())
         # Under DDP the wrapper's forward must run (gradient sync hooks): use the stock path.
@@ -163,22 +442,122 @@ class MedassistTrainer(Trainer):
         """
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         body, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
-        hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
         labels = inputs["labels"][:, 1:]
         keep = labels != IGNORE_INDEX
-        logits = head(hidden[:, :-1][keep]).float()
+        # accelerate applies bf16/fp16 autocast by wrapping model.forward; body and head are
+        # called directly here, so enter the same autocast (else a bf16 run computes in fp32)
+        with self.accelerator.autocast():
+            # use_cache=False: a training forward has no use for the KV cache it would build
+            hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                          use_cache=False).last_hidden_state
+            logits = head(hidden[:, :-1][keep]).float()
         loss = F.cross_entropy(logits, labels[keep], reduction="sum")
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             return loss / num_items_in_batch
         return loss / keep.sum().clamp(min=1)
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Loss-only evaluation (no ``compute_metrics``) through the same answer-only head, so
+        evaluation never builds a batch x length x vocab logit tensor either."""
+        if not (prediction_loss_only and self.head_on_answer_only and self.accelerator.num_processes == 1):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self._answer_only_loss(model, inputs, None)
+        return loss.detach(), None, None
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if self.generation_eval is not None:
-            extra = {f"{metric_key_prefix}_{k}": v for k, v in self.generation_eval(self.model).items()}
-            self.log(extra)
+            scores = run_on_main_process(lambda: self.generation_eval(self.model))
+            extra = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()}
+            self.log(extra)  # on every rank, so all keep the same log_history and best metric
             metrics.update(extra)
         return metrics
+
+    # -- counters across ranks and resumes -------------------------------------------
+    def global_counters(self) -> dict[str, int]:
+        """Examples and tokens trained on, summed over ranks (a collective under DDP)."""
+        values = torch.tensor([self.examples_seen, self.tokens_seen, self.supervised_tokens_seen],
+                              dtype=torch.int64, device=self.args.device)
+        if _world_size() > 1:
+            dist.all_reduce(values)
+        examples, tokens, supervised = (int(v) for v in values.tolist())
+        return {"examples_seen": examples, "tokens_seen": tokens, "supervised_tokens_seen": supervised}
+
+    def restore_counters(self, checkpoint: str | Path) -> None:
+        """Continue the counters of a resumed run (kept by rank 0; the others start at 0)."""
+        path = Path(checkpoint) / STATE_FILE
+        if path.is_file() and self.is_world_process_zero():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            self.examples_seen = saved.get("examples_seen", 0)
+            self.tokens_seen = saved.get("tokens_seen", 0)
+            self.supervised_tokens_seen = saved.get("supervised_tokens_seen", 0)
+
+    # -- data order ----------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            sampler = self._epoch_sampler = EpochSeededSampler(sampler, seed)
+        return sampler
+
+    def _run_epoch(self, *args, **kwargs):
+        # accelerate's set_epoch does not reach a sampler under skip_first_batches +
+        # BatchSamplerShard (a DDP resume mid-epoch): tell it the epoch directly
+        if getattr(self, "_epoch_sampler", None) is not None and "epoch" in kwargs:
+            self._epoch_sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
+
+    # -- atomic checkpoints --------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        """transformers 5's ``Trainer._save_checkpoint``, written to ``tmp-checkpoint-N`` and
+        published by :func:`publish_checkpoint` once every rank has written its part.
+
+        The pieces (model, optimizer, scheduler, scaler, per-rank RNG, trainer state) are
+        saved by the same Trainer methods as upstream; only the folder and the order differ.
+        """
+        step = self.state.global_step
+        run_dir = Path(self._get_output_dir(trial=trial))
+        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        staging = run_dir / f"{STAGING_PREFIX}{step}"
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        if self.args.should_save and staging.exists():  # left by a crash during this step's save
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+
+        self.save_model(str(staging), _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(staging))
+            self._save_scaler(str(staging))
+            self._save_rng_state(str(staging))
+        counters = self.global_counters()
+
+        if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) \
+                and self.state.best_global_step:
+            best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+            if self.state.best_global_step == step or best.exists():
+                self.state.best_model_checkpoint = str(best)
+
+        if self.args.should_save:
+            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
+                name = cb.__class__.__name__
+                if isinstance(self.state.stateful_callbacks[name], list):
+                    self.state.stateful_callbacks[name].append(cb.state())
+                else:
+                    self.state.stateful_callbacks[name] = cb.state()
+            self.state.save_to_json(str(staging / "trainer_state.json"))
+            (staging / STATE_FILE).write_text(json.dumps(counters), encoding="utf-8")
+        self.accelerator.wait_for_everyone()  # every rank's files (rng_state_<rank>.pth) are in
+
+        if self.args.should_save:
+            publish_checkpoint(staging, final, step)
+            if self.args.push_to_hub:
+                self._push_from_checkpoint(str(final))
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()  # nobody reads checkpoint-N before it exists
 
 
 class JsonlMetricsCallback(TrainerCallback):
@@ -230,6 +609,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, precision: str, has_eval
         save_total_limit=cfg.save_total_limit,
         load_best_model_at_end=best,
         metric_for_best_model=cfg.metric_for_best_model if best else None,
+        greater_is_better=cfg.metric_for_best_model != "eval_loss",
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         remove_unused_columns=False,
         dataloader_num_workers=cfg.num_workers,
@@ -259,16 +639,67 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def setup_run(cfg: TrainConfig) -> tuple[Path, PreparedData]:
+_TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
+
+
+def check_tracker(report_to: str) -> None:
+    """``report_to: none`` (the default) sends metrics nowhere but ``metrics.jsonl``; the
+    others need their package. tensorboard writes event files to ``RUN/logs``; mlflow logs
+    to ``./mlruns`` unless ``MLFLOW_TRACKING_URI`` names a server; wandb uploads unless
+    ``WANDB_MODE=offline``."""
+    if report_to != "none" and not any(importlib.util.find_spec(m) for m in _TRACKER_MODULES[report_to]):
+        raise ConfigError(f"report_to: {report_to} needs its package: pip install {report_to}")
+
+
+def _check_fresh_run(run_dir: Path) -> None:
+    """A new run must not start among another run's checkpoints: a later ``--resume`` would
+    pick the old run's newest one."""
+    folder = run_dir / "checkpoints"
+    if folder.is_dir() and any(p.name.startswith((f"{PREFIX_CHECKPOINT_DIR}-", STAGING_PREFIX))
+                               for p in folder.iterdir()):
+        raise ConfigError(f"{run_dir} already holds checkpoints of a run: pass --resume to continue it, "
+                          "or choose another --output-dir")
+
+
+def _read_manifest(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "data_manifest.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _check_same_data(old: dict[str, Any] | None, new: PreparedData) -> None:
+    """A resumed run must see the data it started with, or the skipped batches are others."""
+    if old is None:
+        return
+    if old.get("sha256") != new.manifest.sha256 or old.get("rows_per_split") != new.manifest.rows_per_split:
+        raise ConfigError(f"--resume: the data differs from the run's ({old.get('source')}, splits "
+                          f"{old.get('rows_per_split')}); resume with the same data settings, or start a new run")
+
+
+def setup_run(cfg: TrainConfig, resuming: bool = False) -> tuple[Path, PreparedData]:
     """Create the run directory; write the resolved config, the data manifest and the splits."""
     run_dir = Path(cfg.output_dir)
     data = prepare_data(cfg.data, cfg.seed)
+    if resuming:
+        _check_same_data(_read_manifest(run_dir), data)
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
         (run_dir / "data_manifest.json").write_text(json.dumps(data.manifest.to_dict(), indent=2))
         write_splits(data.splits, run_dir / "splits")
     return run_dir, data
+
+
+def _mean_train_loss(history: list[dict], session_mean: float, steps: int, resumed_at: int) -> float:
+    """Mean train loss over all steps; Trainer's ``training_loss`` covers this session only.
+    The resumed part comes from the logged losses (each weighted by the steps it spans)."""
+    if not resumed_at:
+        return session_mean
+    total, last = 0.0, 0
+    for event in history:
+        if "loss" in event and event["step"] <= resumed_at:
+            total, last = total + event["loss"] * (event["step"] - last), event["step"]
+    session = steps - resumed_at
+    return (total + session_mean * session) / max(1, last + session)
 
 
 def train(
@@ -278,10 +709,24 @@ def train(
 ) -> TrainResult:
     """Run one training job end to end; ``log`` receives short progress lines for the CLI.
 
-    ``resume``: a checkpoint folder, or True for the newest checkpoint of the run directory.
+    ``resume``: a checkpoint folder, or True / ``"auto"`` for the newest complete checkpoint of
+    the run directory (:func:`find_resume_checkpoint`). Model or adapter, optimizer, scheduler,
+    RNG and data order continue from it, and ``metrics.jsonl`` is cut back to the events the
+    checkpoint had logged (:func:`truncate_metrics`). SIGTERM or Ctrl-C saves a checkpoint and
+    raises :class:`TrainingInterrupted`.
+
+    Under ``torchrun`` / ``accelerate launch`` every rank runs this function; only rank 0
+    writes files, and generation metrics are computed on rank 0 (:func:`run_on_main_process`).
     """
+    check_tracker(cfg.report_to)
+    if resume is True or resume == "auto":
+        resume = find_resume_checkpoint(Path(cfg.output_dir), "auto")
+    if not resume:
+        _check_fresh_run(Path(cfg.output_dir))
     set_seed(cfg.seed)
-    run_dir, data = setup_run(cfg)
+    run_dir, data = setup_run(cfg, resuming=bool(resume))
+    if not resume and is_main_process():
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run's events only
     model, tokenizer, family = build_model(cfg)
     cfg = cfg.model_copy(update={"model_type": family})
     if is_main_process():
@@ -320,9 +765,36 @@ def train(
         head_on_answer_only=cfg.lm_head_on_answer_only and family == "decoder",
         generation_eval=generation_eval,
     )
+    if cfg.report_to == "tensorboard":
+        from transformers.integrations import TensorBoardCallback
+
+        for cb in trainer.callback_handler.callbacks:  # transformers 5 has no logging_dir argument
+            if isinstance(cb, TensorBoardCallback) and cb.logging_dir is None:  # TENSORBOARD_LOGGING_DIR wins
+                cb.logging_dir = str(run_dir / "logs")
+    if trainer.is_fsdp_enabled and (generation_eval is not None or (cfg.report and data.splits["test"])):
+        raise ConfigError("under FSDP, rank 0 cannot generate alone (parameters are sharded): set "
+                          "eval.generation_metrics=false and report=false, then run `medassist evaluate` on the run")
+    resumed_at = 0
+    if resume:
+        resumed_at = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+        log(f"resuming from {resume} (step {resumed_at})")
+        if trainer.is_world_process_zero():
+            truncate_metrics(run_dir / "metrics.jsonl", Path(resume))
+        trainer.restore_counters(resume)
+    before = trainer.global_counters()
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume)
+    with GracefulStop(log) as stop:
+        trainer.add_callback(stop)
+        output = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - start
+    if stop.received:
+        newest = find_resume_checkpoint(run_dir, "auto")
+        saved = f"checkpoint saved in {newest}" if newest else "no checkpoint was saved"
+        raise TrainingInterrupted(f"training stopped by {stop.received} at step {trainer.state.global_step}; "
+                                  f"{saved}; resume with: medassist train <same arguments> --resume")
+    counters = trainer.global_counters()
+    session_tokens = counters["tokens_seen"] - before["tokens_seen"]
+    session_supervised = counters["supervised_tokens_seen"] - before["supervised_tokens_seen"]
 
     final_eval = trainer.evaluate() if val_tok.features else {}
     history = trainer.state.log_history
@@ -339,12 +811,16 @@ def train(
         "truncated_answers": train_tok.truncated,
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "supervised_tokens": trainer.supervised_tokens_seen,
-        "tokens": trainer.tokens_seen,
-        "supervised_tokens_per_second": trainer.supervised_tokens_seen / wall if wall else None,
-        "tokens_per_second": trainer.tokens_seen / wall if wall else None,
+        "world_size": trainer.args.world_size,
+        "examples_per_step": cfg.batch_size * cfg.grad_accum * trainer.args.world_size,
+        "train_examples_seen": counters["examples_seen"],  # all ranks, all resumed sessions
+        "supervised_tokens": counters["supervised_tokens_seen"],
+        "tokens": counters["tokens_seen"],
+        "supervised_tokens_per_second": session_supervised / wall if wall else None,  # this session
+        "tokens_per_second": session_tokens / wall if wall else None,
+        "resumed_from": str(resume) if resume else None,
         "wall_time_seconds": wall,
-        "train_loss_mean": output.training_loss,
+        "train_loss_mean": _mean_train_loss(history, output.training_loss, trainer.state.global_step, resumed_at),
         "final_train_loss": train_losses[-1] if train_losses else None,
         "final_validation_loss": final_eval.get("eval_loss"),
         "best_checkpoint": trainer.state.best_model_checkpoint,
@@ -353,15 +829,17 @@ def train(
     }
     if summary["final_validation_loss"] is not None:
         summary["final_validation_perplexity"] = math.exp(min(50.0, summary["final_validation_loss"]))
+    trainer.save_model(str(run_dir / "final"))  # every rank (FSDP gathers); only rank 0 writes
     if trainer.is_world_process_zero():
-        trainer.save_model(str(run_dir / "final"))
         tokenizer.save_pretrained(str(run_dir / "final"))
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     result = TrainResult(run_dir=run_dir, summary=summary)
     if cfg.report and data.splits["test"]:
         from medassist.evaluation import evaluate_run_after_training
 
-        result.report = evaluate_run_after_training(run_dir, trainer.model, fmt, data.splits["test"], cfg, log)
+        # rank 0 evaluates the whole test split (same numbers as one process); the others wait
+        result.report = run_on_main_process(lambda: evaluate_run_after_training(
+            run_dir, trainer.model, fmt, data.splits["test"], cfg, log))
     log(f"trained {summary['steps']} steps in {wall:.1f} s "
         f"({summary['supervised_tokens_per_second'] or 0:.0f} answer tokens/s); final model in {run_dir / 'final'}")
     return result

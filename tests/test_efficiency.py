@@ -1,0 +1,116 @@
+"""Less wasted work, same numbers: the answer-only LM head gives the stock loss and gradients,
+loss-only evaluation builds no full logits, and batches are length-grouped and padded only to
+their own longest sequence by default."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import Trainer, set_seed
+
+from medassist.config import TrainConfig, load_config
+from medassist.data import QAExample
+from medassist.formatting import IGNORE_INDEX, make_format
+from medassist.training import (
+    EpochSeededSampler, MedassistTrainer, _columns_collator, build_model, to_dataset, tokenize_examples,
+    training_arguments,
+)
+
+QA = [(f"Question {i}: what does condition {c} do to a patient?", " ".join(["It causes symptoms."] * (1 + i % 5)))
+      for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWX")]
+
+
+def _setup(tmp_path, lora: bool, head_on_answer_only: bool = True, batch_size: int = 4, qa=QA, **extra):
+    cfg = load_config(None, {"model": "tiny-qwen3", "precision": "fp32", "batch_size": batch_size,
+                             "max_steps": 1, "eval_strategy": "no", "save_strategy": "no", "report": False,
+                             "lora": {"enabled": lora, "dropout": 0.0}, **extra})
+    set_seed(0)
+    model, tok, family = build_model(cfg)
+    fmt = make_format(family, tok, cfg)
+    data = to_dataset(tokenize_examples(fmt, [QAExample(q, a, i) for i, (q, a) in enumerate(qa)]))
+    args = training_arguments(cfg, tmp_path, "fp32", has_eval=False)
+    args.disable_tqdm = True
+    trainer = MedassistTrainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                               data_collator=_columns_collator(fmt), processing_class=tok,
+                               head_on_answer_only=head_on_answer_only)
+    return trainer, fmt, data
+
+
+def _loss_and_grads(loss_fn, model):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_answer_only_head_equals_stock_full_logit_loss_and_grads(tmp_path, lora):
+    trainer, fmt, data = _setup(tmp_path, lora)
+    model = trainer.model
+    model.train()
+    batch = fmt.collate([data[i] for i in (0, 3, 9, 14)])  # four lengths: padding on three rows
+    assert (batch["attention_mask"] == 0).any()
+    n_items = int((batch["labels"] != IGNORE_INDEX).sum())
+    for num_items in (None, n_items):  # mean over this batch / over the accumulated items
+        ours, ours_grads = _loss_and_grads(lambda: trainer._answer_only_loss(model, batch, num_items), model)
+        stock, stock_grads = _loss_and_grads(
+            lambda: Trainer.compute_loss(trainer, model, batch, num_items_in_batch=num_items), model)
+        assert abs(ours.item() - stock.item()) <= 1e-5, (ours.item(), stock.item())
+        assert ours_grads.keys() == stock_grads.keys() and ours_grads
+        for name in stock_grads:
+            torch.testing.assert_close(ours_grads[name], stock_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trainer_uses_answer_only_head_by_default(tmp_path):
+    assert TrainConfig().lm_head_on_answer_only
+    trainer, fmt, data = _setup(tmp_path, lora=True)
+    head = trainer.model.get_base_model().get_output_embeddings()
+    rows: list[int] = []
+    head.register_forward_hook(lambda _m, inp, _out: rows.append(inp[0].reshape(-1, inp[0].shape[-1]).shape[0]))
+    batch = fmt.collate([data[i] for i in range(4)])
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)
+    assert rows == [int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())]  # not batch x length
+
+
+def test_loss_only_evaluation_builds_no_full_logits_and_matches_stock(tmp_path):
+    results = {}
+    for answer_only in (True, False):
+        trainer, _, _ = _setup(tmp_path / str(answer_only), lora=True, head_on_answer_only=answer_only,
+                               eval={"batch_size": 5})
+        head = trainer.model.get_base_model().get_output_embeddings()
+        shapes: list[tuple] = []
+        head.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results[answer_only] = (trainer.evaluate()["eval_loss"], shapes)
+    ours, ours_shapes = results[True]
+    stock, stock_shapes = results[False]
+    assert abs(ours - stock) <= 1e-5, (ours, stock)
+    assert all(len(s) == 3 for s in stock_shapes)  # stock: batch x length x vocab
+    assert ours_shapes and all(len(s) == 2 for s in ours_shapes)  # ours: supervised positions x vocab
+
+
+def _padded_tokens(trainer) -> int:
+    return sum(int(b["input_ids"].numel()) for b in trainer.get_train_dataloader())
+
+
+def test_length_grouped_batches_and_dynamic_padding_by_default(tmp_path):
+    # transformers' LengthGroupedSampler sorts within random "megabatches" of
+    # min(n // (4 * batch), 50) batches, so it only groups once there are >= 8 batches' worth
+    # of examples: 64 examples of batch 4 make megabatches of 16
+    qa = [(f"Question {i}: what does it do?", " ".join(["It causes symptoms."] * (1 + (7 * i) % 12)))
+          for i in range(64)]
+    assert TrainConfig().group_by_length
+    grouped, _, data = _setup(tmp_path / "grouped", lora=True, qa=qa)
+    assert isinstance(grouped._get_train_sampler(), EpochSeededSampler)
+    for batch in grouped.get_train_dataloader():  # padded to the batch's longest, never to max_length
+        assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(dim=1).max())
+        assert batch["input_ids"].shape[1] < TrainConfig().max_length
+    shuffled, _, _ = _setup(tmp_path / "random", lora=True, qa=qa, group_by_length=False)
+    assert not isinstance(shuffled._get_train_sampler(), EpochSeededSampler)
+    real = sum(len(ids) for ids in data["input_ids"])
+    assert _padded_tokens(grouped) - real < 0.5 * (_padded_tokens(shuffled) - real)
