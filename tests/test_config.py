@@ -77,3 +77,21 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_bertscore_best_model_needs_generation_metrics():
+    with pytest.raises(ConfigError, match="bertscore_f1 needs eval.generation_metrics"):
+        load_config(None, ["metric_for_best_model=bertscore_f1", "eval.generation_metrics=false"])
+    assert load_config(None, ["metric_for_best_model=bertscore_f1"]).eval.subset > 0
+
+
+def test_test_subset_is_bounded_and_seeded():
+    from medassist.data import QAExample
+    from medassist.training import _test_subset
+
+    rows = [QAExample(f"q{i}", f"a{i}", i) for i in range(50)]
+    cfg = load_config(None, ["eval.test_limit=10"])
+    picked = _test_subset(rows, cfg)
+    assert len(picked) == 10 and picked == _test_subset(rows, cfg)
+    assert [r.row for r in picked] == sorted(r.row for r in picked)
+    assert _test_subset(rows[:5], cfg) == rows[:5]

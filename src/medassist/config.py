@@ -104,6 +104,9 @@ class EvalConfig(_Section):
     generation_metrics: bool = Field(
         True, description="Generate and score answers at each evaluation (else loss only)."
     )
+    test_limit: int | None = Field(
+        200, ge=1, description="End-of-training report: score at most this many test rows (seeded subset)."
+    )
     baselines: bool = Field(True, description="`evaluate`: also score the base model and 'repeat the question'.")
 
 
@@ -177,6 +180,10 @@ class TrainConfig(_Section):
             raise ValueError("eval_strategy: steps needs eval_steps")
         if self.save_strategy == "steps" and not self.save_steps:
             raise ValueError("save_strategy: steps needs save_steps")
+        if self.metric_for_best_model == "bertscore_f1" and not (
+            self.eval.generation_metrics and self.eval.subset > 0
+        ):
+            raise ValueError("metric_for_best_model: bertscore_f1 needs eval.generation_metrics and eval.subset > 0")
         return self
 
     def to_yaml(self) -> str:

@@ -635,6 +635,17 @@ class TrainResult:
     events: list[str] = field(default_factory=list)
 
 
+def _test_subset(rows: list[QAExample], cfg: TrainConfig) -> list[QAExample]:
+    """At most ``eval.test_limit`` test rows, a seeded subset, so the final report stays bounded."""
+    limit = cfg.eval.test_limit
+    if limit is None or len(rows) <= limit:
+        return rows
+    import random
+
+    keep = sorted(random.Random(cfg.seed).sample(range(len(rows)), limit))
+    return [rows[i] for i in keep]
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -839,7 +850,7 @@ def train(
 
         # rank 0 evaluates the whole test split (same numbers as one process); the others wait
         result.report = run_on_main_process(lambda: evaluate_run_after_training(
-            run_dir, trainer.model, fmt, data.splits["test"], cfg, log))
+            run_dir, trainer.model, fmt, _test_subset(data.splits["test"], cfg), cfg, log))
     log(f"trained {summary['steps']} steps in {wall:.1f} s "
         f"({summary['supervised_tokens_per_second'] or 0:.0f} answer tokens/s); final model in {run_dir / 'final'}")
     return result
