@@ -59,8 +59,13 @@ def machine_info() -> dict:
 
 
 def machine_line(info: dict) -> str:
-    return (f"{info['cpu']}, {info['cores']} cores, flags {' '.join(info['flags']) or '-'}, "
+    line = (f"{info['cpu']}, {info['cores']} cores, flags {' '.join(info['flags']) or '-'}, "
             f"torch {info['torch']} ({info['threads']} threads), load average {info['load_avg_1m']}")
+    if info["load_avg_1m"] >= info["cores"]:
+        # two processes each running torch's thread pool on the same cores slow each other
+        # down far more than 2x (threads spin waiting for each other): ratios become noise
+        line += "\nWARNING: the machine is busy (load average >= cores); numbers from this run are unreliable"
+    return line
 
 
 def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 2.0) -> float:

@@ -150,7 +150,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="the evaluator's generation batch size")
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant, in A B B A order")
     parser.add_argument("--pairs", type=int, default=64, help="BERTScore pairs for the scorer table")
-    parser.add_argument("--pairs-per-call", type=int, default=8, help="pairs per BERTScore call")
+    parser.add_argument("--pairs-per-call", type=int, default=8,
+                        help="pairs per BERTScore call (8: the default training evaluation subset)")
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -206,7 +207,7 @@ def main() -> None:
 
     texts = (runs["evaluator"][0]["texts"] * (1 + args.pairs // max(1, len(examples))))[:args.pairs]
     refs = ([ex.answer for ex in examples] * (1 + args.pairs // max(1, len(examples))))[:args.pairs]
-    bs = bertscore_rates(texts, refs, args.pairs_per_call, common.abba(["cached", "reloaded"], args.repeats))
+    bs = bertscore_rates(texts, refs, args.pairs_per_call, common.abba(["cached", "reloaded"], max(2, args.repeats)))
     say("")
     say(common.table(["BERTScore", "pairs", "pairs per call", "pairs/s"],
                      [["scorer cached (medassist)", len(texts), args.pairs_per_call, bs["cached"]],
