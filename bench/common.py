@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MEDQUAD = ROOT.parent / "shared" / "data" / "medquad.csv"
-SAMPLE = ROOT / "data" / "sample_medical_qa.csv"
+SAMPLE = ROOT / "src" / "medassist" / "resources" / "sample_medical_qa.csv"
 FLAGS_THAT_MATTER = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "fma")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "sample_medical_qa.csv"
+SAMPLE = ROOT / "src" / "medassist" / "resources" / "sample_medical_qa.csv"
 MEDQUAD = ROOT.parent / "shared" / "data" / "medquad.csv"
 
 

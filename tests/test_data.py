@@ -6,9 +6,15 @@ import pytest
 from medassist.config import DataConfig
 from medassist.data import (
     QAExample, clean_rows, group_split, normalize_answer, prepare_data, question_key, read_split,
-    read_table, write_splits,
+    read_table, resolve_data_path, write_splits,
 )
 from medassist.errors import DataError
+
+
+@pytest.fixture
+def sample_csv():
+    """The bundled sample, wherever the package is installed."""
+    return resolve_data_path("sample")
 
 
 def _examples(n_groups=40, per_group=3):
@@ -24,7 +30,8 @@ def test_cleaning_counts_every_drop():
         "answer": ["Alpha.", "Alpha.", "Alpha.", "x", "   ", "Gamma\n\n\n\nmore"],
     })
     rows, dropped = clean_rows(frame, "question", "answer")
-    assert dropped == {"empty_question": 1, "empty_answer": 1, "duplicate_pair": 2}
+    assert dropped == {"malformed_row": 0, "non_text_value": 0, "control_characters": 0,
+                       "empty_question": 1, "empty_answer": 1, "duplicate_pair": 2}
     assert [r.question for r in rows] == ["What is A?", "What is C?"]
     assert rows[1].answer == "Gamma\n\nmore"
     assert [r.row for r in rows] == [1, 6]
@@ -123,6 +130,14 @@ def test_medquad_split_has_no_leak():
     keys = {s: {question_key(e.question) for e in rows} for s, rows in prepared.splits.items()}
     assert not keys["train"] & keys["test"] and not keys["train"] & keys["validation"]
     assert 0.04 < m.rows_per_split["test"] / m.rows_kept < 0.06
+    # punctuation variants that used to land in two splits (issue 11): one split each now
+    home = {e.question: s for s, rows in prepared.splits.items() for e in rows}
+    for a, b in [("What is (are) 47,XYY syndrome ?", "What is (are) 47, XYY syndrome ?"),
+                 ("What is (are) cri-du-chat syndrome ?", "What is (are) Cri du chat syndrome ?"),
+                 ("What are the treatments for Lambert-Eaton Myasthenic Syndrome ?",
+                  "What are the treatments for Lambert Eaton myasthenic syndrome ?")]:
+        assert home[a] == home[b]
+    assert m.near_duplicates_across_splits <= 2
     strict = prepare_data(DataConfig(path=str(MEDQUAD), group_column="focus"), seed=42).splits
     foci = {s: {e.group for e in rows} for s, rows in strict.items()}
     assert not foci["train"] & foci["test"]

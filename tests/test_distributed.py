@@ -111,13 +111,12 @@ def _single_process_generation_metrics(run: Path, checkpoint: Path) -> dict[str,
     from medassist.config import load_config
     from medassist.data import read_split
     from medassist.evaluation import make_training_evaluator
-    from medassist.formatting import make_format
     from medassist.models import load_pretrained
 
     cfg = load_config(run / "config.yaml")
     base, tokenizer, family = load_pretrained(cfg.model)
     model = PeftModel.from_pretrained(base, str(checkpoint))
-    evaluate = make_training_evaluator(make_format(family, tokenizer, cfg), read_split(run / "splits/validation.jsonl"), cfg)
+    evaluate = make_training_evaluator(family.make_format(tokenizer, cfg), family, read_split(run / "splits/validation.jsonl"), cfg)
     return evaluate(model)
 
 
@@ -149,7 +148,7 @@ def test_shipped_accelerate_configs_load(name):
 def _rank_main(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from medassist.training import run_on_main_process
+    from medassist.distributed import run_on_main_process
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     calls = []

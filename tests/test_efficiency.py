@@ -12,7 +12,7 @@ from transformers import Trainer, set_seed
 
 from medassist.config import TrainConfig, load_config
 from medassist.data import QAExample
-from medassist.formatting import IGNORE_INDEX, make_format
+from medassist.formatting import IGNORE_INDEX
 from medassist.training import (
     EpochSeededSampler, MedassistTrainer, _columns_collator, build_model, to_dataset, tokenize_examples,
     training_arguments,
@@ -28,13 +28,13 @@ def _setup(tmp_path, lora: bool, head_on_answer_only: bool = True, batch_size: i
                              "lora": {"enabled": lora, "dropout": 0.0}, **extra})
     set_seed(0)
     model, tok, family = build_model(cfg)
-    fmt = make_format(family, tok, cfg)
-    data = to_dataset(tokenize_examples(fmt, [QAExample(q, a, i) for i, (q, a) in enumerate(qa)]))
+    fmt = family.make_format(tok, cfg)
+    data = to_dataset(tokenize_examples(fmt, family, [QAExample(q, a, i) for i, (q, a) in enumerate(qa)]))
     args = training_arguments(cfg, tmp_path, "fp32", has_eval=False)
     args.disable_tqdm = True
     trainer = MedassistTrainer(model=model, args=args, train_dataset=data, eval_dataset=data,
                                data_collator=_columns_collator(fmt), processing_class=tok,
-                               head_on_answer_only=head_on_answer_only)
+                               family=family, prune_head=head_on_answer_only)
     return trainer, fmt, data
 
 

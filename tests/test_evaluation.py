@@ -20,7 +20,8 @@ from medassist.evaluation import (
     perplexity_and_accuracy,
     rouge_l,
 )
-from medassist.formatting import IGNORE_INDEX, make_format
+from medassist.engine import Engine
+from medassist.formatting import IGNORE_INDEX
 from medassist.models import load_pretrained, minilm_folder
 
 CANDIDATES = ["Insulin lets cells take up sugar from the blood.", "Asthma narrows the airways.",
@@ -42,13 +43,13 @@ def scorer():
 @pytest.fixture(scope="module")
 def qwen():
     model, tok, family = load_pretrained("tiny-qwen3")
-    return model.eval(), make_format(family, tok)
+    return model.eval(), family.make_format(tok), family
 
 
 @pytest.fixture(scope="module")
 def t5():
     model, tok, family = load_pretrained("tiny-t5")
-    return model.eval(), make_format(family, tok)
+    return model.eval(), family.make_format(tok), family
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ class PeakedLM(torch.nn.Module):
 
 
 def test_perplexity_matches_a_hand_computation(qwen):
-    _, fmt = qwen
+    _, fmt, family = qwen
     vocab, a = len(fmt.tokenizer), 3.0
     # the answer's first token gets the peak; a long question shows prompt tokens do not count
     answers = [ex.answer for ex in EXAMPLES]
@@ -115,7 +116,7 @@ def test_perplexity_matches_a_hand_computation(qwen):
     targets = [t for ans in answers for t in fmt.tokenizer(ans, add_special_tokens=False).input_ids + [fmt.eos_id]]
     z = math.exp(a) + vocab - 1
     nll = sum(-(a if t == k else 0.0) + math.log(z) for t in targets)
-    result = perplexity_and_accuracy(PeakedLM(vocab, k, a), fmt, examples, batch_size=3)
+    result = perplexity_and_accuracy(PeakedLM(vocab, k, a), fmt, family, examples, batch_size=3)
     assert result["answer_tokens"] == len(targets)  # answer tokens + EOS, never prompt or padding
     # torch's float32 log-softmax over 151k logits is good to ~1e-4 nats per token
     assert math.log(result["perplexity"]) == pytest.approx(nll / len(targets), abs=2e-4)
@@ -124,14 +125,14 @@ def test_perplexity_matches_a_hand_computation(qwen):
 
 @pytest.mark.parametrize("which", ["qwen", "t5"])
 def test_perplexity_batched_equals_a_direct_forward(which, request):
-    model, fmt = request.getfixturevalue(which)
+    model, fmt, family = request.getfixturevalue(which)
     nll, n = 0.0, 0
     with torch.no_grad():
         for ex in EXAMPLES:  # one unpadded example at a time, straight from the model
             enc = fmt.encode(ex.question, ex.answer)
             ids = torch.tensor([enc.input_ids])
             labels = torch.tensor([enc.labels])
-            if fmt.family == "decoder":
+            if family.name == "decoder":
                 prompt = len(fmt.prompt_ids(ex.question))
                 logp = model(input_ids=ids).logits[0].float().log_softmax(-1)
                 nll -= sum(float(logp[i - 1, ids[0, i]]) for i in range(prompt, ids.shape[1]))
@@ -140,11 +141,11 @@ def test_perplexity_batched_equals_a_direct_forward(which, request):
                 loss = model(input_ids=ids, labels=labels).loss  # HF's own mean over target tokens
                 nll += float(loss) * labels.shape[1]
                 n += labels.shape[1]
-    batched = perplexity_and_accuracy(model, fmt, EXAMPLES, batch_size=3)
+    batched = perplexity_and_accuracy(model, fmt, family, EXAMPLES, batch_size=3)
     assert batched["answer_tokens"] == n
     assert batched["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
-    if fmt.family == "decoder":  # the pruned LM head gives what the full logits give
-        full = perplexity_and_accuracy(model, fmt, EXAMPLES, batch_size=2, prune_head=False)
+    if family.name == "decoder":  # the pruned LM head gives what the full logits give
+        full = perplexity_and_accuracy(model, fmt, family, EXAMPLES, batch_size=2, prune_head=False)
         assert full["perplexity"] == pytest.approx(batched["perplexity"], rel=1e-5)
         assert full["token_accuracy"] == batched["token_accuracy"]
     assert IGNORE_INDEX not in fmt.encode(EXAMPLES[0].question, EXAMPLES[0].answer).labels[-3:]
@@ -155,10 +156,10 @@ def test_perplexity_batched_equals_a_direct_forward(which, request):
 def test_evaluate_examples_keys_and_peft_base_baseline(qwen, scorer):
     from peft import LoraConfig, get_peft_model
 
-    model, fmt = qwen
+    model, fmt, family = qwen
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM")).eval()
     try:
-        result = evaluate_examples(peft_model, fmt, EXAMPLES, EvalConfig(max_new_tokens=4),
+        result = evaluate_examples(Engine(peft_model, fmt, family), EXAMPLES, EvalConfig(max_new_tokens=4),
                                    base_model=base_model_context(peft_model, None), scorer=scorer)
     finally:
         peft_model.unload()
@@ -176,10 +177,10 @@ def test_evaluate_examples_keys_and_peft_base_baseline(qwen, scorer):
 
 
 def test_training_evaluator_uses_a_fixed_subset_and_restores_train_mode(t5):
-    model, fmt = t5
+    model, fmt, family = t5
     cfg = load_config(None, {"seed": 3, "eval": {"subset": 2, "max_new_tokens": 4}})
     validation = [QAExample(f"Question number {i}?", f"Answer {i}.", row=i) for i in range(6)]
-    evaluate = make_training_evaluator(fmt, validation, cfg)
+    evaluate = make_training_evaluator(fmt, family, validation, cfg)
     model.train()
     first, second = evaluate(model), evaluate(model)
     assert model.training

@@ -10,7 +10,7 @@ import torch
 
 from medassist.cli import main
 from medassist.config import load_config
-from medassist.formatting import make_format
+from medassist.families import FAMILIES
 from medassist.models import load_for_inference, load_pretrained
 from medassist.training import train
 
@@ -33,7 +33,7 @@ def lora_run(tmp_path_factory, sample_csv) -> Path:
 
 def _greedy(model, tokenizer, family, cfg, max_new_tokens=12) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy answers to QUESTIONS and the logits of the first generation step."""
-    fmt = make_format(family, tokenizer, cfg)
+    fmt = FAMILIES[family].make_format(tokenizer, cfg)
     outputs, logits = [], []
     with torch.no_grad():
         for question in QUESTIONS:

@@ -8,10 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from medassist.data import resolve_data_path
 from medassist.errors import DataError
 from medassist.medquad import COLUMNS, ImportStats, import_medquad, write_csv
 
-SAMPLE_CSV = Path(__file__).resolve().parents[1] / "data" / "sample_medical_qa.csv"
+SAMPLE_CSV = resolve_data_path("sample")
 
 CANCER_1 = """<?xml version="1.0" encoding="UTF-8"?>
 <Document id="0000001_1" source="CancerGov" url="https://example.org/1">
@@ -109,6 +110,7 @@ def test_fields_and_whitespace(medquad_tree: Path) -> None:
         "qtype": "information",
         "focus": "Adult Acute Lymphoblastic Leukemia",
         "source": "CancerGov",
+        "url": "https://example.org/1",
     }
     assert rows[1]["answer"] == "Chemotherapy & other options."
     assert rows[1]["qtype"] == "treatment"
@@ -124,6 +126,7 @@ def test_source_falls_back_to_folder(medquad_tree: Path) -> None:
             "qtype": "prevention",
             "focus": "Melanoma",
             "source": "1_CancerGov_QA",
+            "url": "",
         }
     ]
 
@@ -137,6 +140,7 @@ def test_sorted_order(medquad_tree: Path) -> None:
         "What is Anemia ?",
     ]
     assert [r["source"] for r in rows] == ["CancerGov", "CancerGov", "1_CancerGov_QA", "GARD"]
+    assert [r["url"] for r in rows] == ["https://example.org/1", "https://example.org/1", "", "https://example.org/3"]
 
 
 def test_missing_dir_raises(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from transformers import set_seed
 from medassist.config import load_config
 from medassist.data import QAExample
 from medassist.errors import ConfigError
-from medassist.formatting import make_format
 from medassist.training import (
     MedassistTrainer, _columns_collator, build_model, cpu_supports_bf16, resolve_precision,
     to_dataset, tokenize_examples, training_arguments,
@@ -90,12 +89,12 @@ def _trainer(precision: str, tmp_path: Path, head_on_answer_only: bool = True):
                              "lora": {"dropout": 0.0}})
     set_seed(cfg.seed)  # as train() does: the LoRA initialisation is drawn from the global RNG
     model, tok, family = build_model(cfg)
-    fmt = make_format(family, tok, cfg)
-    data = to_dataset(tokenize_examples(fmt, [QAExample(q, a, i) for i, (q, a) in enumerate(QA)]))
+    fmt = family.make_format(tok, cfg)
+    data = to_dataset(tokenize_examples(fmt, family, [QAExample(q, a, i) for i, (q, a) in enumerate(QA)]))
     args = training_arguments(cfg, tmp_path / precision, resolve_precision(precision), has_eval=False)
     args.disable_tqdm = True
     return MedassistTrainer(model=model, args=args, train_dataset=data, data_collator=_columns_collator(fmt),
-                            processing_class=tok, head_on_answer_only=head_on_answer_only)
+                            processing_class=tok, family=family, prune_head=head_on_answer_only)
 
 
 def _record_linear_dtypes(model) -> list[torch.dtype]:
@@ -124,7 +123,7 @@ def trained(tmp_path_factory):
 def test_bf16_autocast_really_runs_on_the_answer_only_path(trained):
     # accelerate autocasts by wrapping model.forward; the answer-only loss calls the decoder
     # directly, so without its own autocast a "bf16" run would silently compute in fp32
-    assert trained["bf16"]["trainer"].head_on_answer_only
+    assert trained["bf16"]["trainer"].prune_head
     assert trained["bf16"]["matmul_dtypes"] == {torch.bfloat16}
     assert trained["fp32"]["matmul_dtypes"] == {torch.float32}
 

@@ -10,7 +10,6 @@ from medassist.cli import main
 from medassist.config import load_config
 from medassist.data import question_key, read_split
 from medassist.errors import ConfigError
-from medassist.formatting import make_format
 from medassist.models import load_for_inference
 from medassist.training import resolve_precision, train
 
@@ -69,7 +68,7 @@ def test_lora_defaults_and_trainable_count(tmp_path):
 
     model, _, family = build_model(load_config(None, {"model": "tiny-qwen3"}))
     trainable, total = parameter_counts(model)
-    assert family == "decoder" and 0 < trainable < total / 10
+    assert family.name == "decoder" and 0 < trainable < total / 10
     assert model.peft_config["default"].r == 16 and model.peft_config["default"].lora_alpha == 32
 
 
@@ -89,8 +88,8 @@ def test_encoder_decoder_trains_saves_reloads_and_stops_at_eos(tmp_path, toy_csv
     assert sum(losses[-3:]) / 3 < losses[0] * 0.7, losses
     assert (result.run_dir / "final" / "model.safetensors").exists()
     loaded = load_for_inference(str(result.run_dir))
-    assert loaded.family == "encoder-decoder"
-    fmt = make_format(loaded.family, loaded.tokenizer, loaded.config)
+    assert loaded.family.name == "encoder-decoder"
+    fmt = loaded.format()
     question, answer = TOY_QA[0]
     batch = fmt.collate_prompts([fmt.prompt_ids(question)])
     with torch.no_grad():
@@ -127,7 +126,7 @@ def test_model_type_mismatch_is_one_line(tmp_path, capsys):
 
 def test_fp16_refused_for_t5():
     with pytest.raises(ConfigError, match="T5"):
-        resolve_precision("fp16", "encoder-decoder", "google/flan-t5-small")
+        resolve_precision("fp16", "google/flan-t5-small")
     assert resolve_precision("fp32") == "fp32"
     assert resolve_precision("auto") in {"bf16", "fp32"}
 

@@ -1,7 +1,11 @@
-"""Typed run configuration: every field, its default and its meaning, in one place.
+"""Typed configuration: every field, its default and its meaning, in one place.
 
-A config is YAML whose keys mirror these classes (``lora:``, ``data:`` and ``eval:`` are
-sections). ``--set key=value`` overrides any key, dotted for sections
+One style for every setting: pydantic models, strict (``batch_size: true`` is an error, not
+1; no float accepts inf or nan), documented where they are defined, and read by the CLI for
+its defaults and help. :class:`TrainConfig` is a run (YAML whose keys mirror the classes;
+``lora:``, ``data:`` and ``eval:`` are sections), :class:`GenerationSettings` how answers are
+generated (shared by evaluation, ``generate``, ``chat`` and ``serve``), :class:`ServeConfig`
+the HTTP server. ``--set key=value`` overrides any key, dotted for sections
 (``--set lora.r=8``); values are parsed as YAML scalars. Unknown keys and wrong types are
 a :class:`~medassist.errors.ConfigError` that names the key.
 """
@@ -13,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medassist.errors import ConfigError
 
@@ -43,13 +47,13 @@ def yaml_load(text: str) -> Any:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
     """Where the question/answer pairs come from and how they are split."""
 
-    path: str = Field("data/sample_medical_qa.csv", description="CSV, JSONL or Parquet file.")
+    path: str = Field("sample", description="CSV, TSV, JSONL, JSON or Parquet file, or a bundled data set: `sample` (105 hand-written rows) or `medquad`.")
     question_column: str = Field("question", description="Column holding the question.")
     answer_column: str = Field("answer", description="Column holding the reference answer.")
     group_column: str | None = Field(
@@ -82,8 +86,33 @@ class LoraConfig(_Section):
     )
 
 
-class EvalConfig(_Section):
-    """Generation-based evaluation, used during training and by `medassist evaluate`."""
+class GenerationSettings(_Section):
+    """How answers are generated: one rule for evaluation, ``generate``, ``chat`` and ``serve``.
+
+    Greedy by default; ``temperature`` and ``top_p`` apply only with ``do_sample``. Generation
+    stops at every EOS id of the model and of its tokenizer, or at the first ``stop`` string.
+    """
+
+    max_new_tokens: int = Field(128, ge=1, description="Most tokens per answer (EOS included).")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="Sampling temperature (do_sample only).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (do_sample only).")
+    repetition_penalty: float = Field(
+        1.0, ge=1.0, le=10.0, description="Divide the logits of tokens already in the answer (1 = off).")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this size (0 = off).")
+    stop: list[str] = Field(default_factory=list, description="End the answer before the first of these.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate call (evaluation).")
+    seed: int | None = Field(None, description="Torch seed for a sampling call (reproducible batches).")
+
+    def generation(self, **changes) -> "GenerationSettings":
+        """These settings alone (without a subclass's other fields), with ``changes`` applied."""
+        values = {k: getattr(self, k) for k in GenerationSettings.model_fields}
+        return GenerationSettings.model_validate({**values, **changes})
+
+
+class EvalConfig(GenerationSettings):
+    """Generation-based evaluation, used during training and by `medassist evaluate`; the
+    generation fields it inherits are how the evaluated answers are generated."""
 
     bertscore_model: str = Field("minilm-l6", description="Preset, hub id or path of the encoder.")
     bertscore_layer: int | None = Field(
@@ -93,11 +122,6 @@ class EvalConfig(_Section):
     bertscore_rescale: bool = Field(
         False, description="Rescale with bert_score's baseline (only for encoders it has one for)."
     )
-    max_new_tokens: int = Field(128, ge=1)
-    batch_size: int = Field(16, ge=1, description="Generation batch size.")
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
     subset: int = Field(
         32, ge=0, description="Validation questions scored by generation at each evaluation (seeded)."
     )
@@ -136,6 +160,10 @@ class TrainConfig(_Section):
     max_length: int = Field(256, ge=8, description="Decoder-only: prompt + answer tokens.")
     max_source_length: int = Field(128, ge=4, description="Encoder-decoder: question tokens.")
     max_target_length: int = Field(192, ge=4, description="Encoder-decoder: answer tokens incl. EOS.")
+    answer_truncation: Literal["eos", "sentence", "no_eos"] = Field(
+        "eos", description="A too-long answer: cut anywhere and keep the EOS (`eos`), cut at the last "
+        "sentence end that fits and keep the EOS (`sentence`), or cut anywhere without EOS (`no_eos`).",
+    )
     max_prompt_fraction: float = Field(
         0.5, gt=0.0, lt=1.0,
         description="Decoder-only: a question is cut only when its prompt alone exceeds this "
@@ -146,7 +174,7 @@ class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0.0)
     max_steps: int = Field(-1, description="> 0 overrides epochs.")
     learning_rate: float = Field(2e-4, gt=0.0)
-    lr_scheduler: str = Field("cosine", description="Any transformers scheduler name.")
+    lr_scheduler: str = Field("cosine", description="A transformers scheduler name (linear, cosine, constant, ...).")
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
@@ -173,6 +201,16 @@ class TrainConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        from transformers.trainer_utils import SchedulerType
+
+        known = [s.value for s in SchedulerType]
+        if value not in known:
+            raise ValueError(f"'{value}' is not a transformers scheduler ({', '.join(known)})")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -247,6 +285,15 @@ def load_config(
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory, not a config file") from None
+        except UnicodeDecodeError as exc:
+            line = Path(path).read_bytes()[: exc.start].count(b"\n") + 1
+            raise ConfigError(f"{path}: not UTF-8 text (line {line}, byte {exc.start})") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        if "\x00" in text:
+            raise ConfigError(f"{path}: binary file (NUL bytes), not a YAML config")
         try:
             loaded = yaml_load(text)
         except yaml.YAMLError as exc:
@@ -262,3 +309,58 @@ def load_config(
         return TrainConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_error(err, origin)) from None
+
+
+class ServeConfig(_Section):
+    """Options of ``medassist serve`` (the CLI reads its defaults and help from here).
+    Token limits count the model's tokens."""
+
+    host: str = Field("127.0.0.1", description="address to listen on (this machine only by default)")
+    port: int = Field(8000, ge=1, le=65535, description="port")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every /v1 route "
+                                "(default: $MEDASSIST_API_KEY; unset = open)")
+    allowed_hosts: list[str] | None = Field(
+        None, description="Host header values accepted; default: loopback names when listening on loopback "
+        "without a key (no DNS rebinding), else any")
+    model_name: str | None = Field(None, description="model id reported by /v1/models (default: the --model value)")
+    system_prompt: str | None = Field(
+        None, description="system prompt for chat-template models; default: the run's own, else a careful "
+        "medical-information prompt; '' for none (ignored by encoder-decoder models)")
+    max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts (system + history + question) get 400")
+    max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for; more gets 400")
+    default_max_tokens: int = Field(256, ge=1, description="answer tokens when a request does not say (max_tokens)")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="sampling temperature when a request gives none; "
+                               "0 = greedy, deterministic")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass when a request gives none")
+    max_concurrency: int = Field(1, ge=1, description="generations running at once")
+    max_queue: int = Field(4, ge=0, description="requests waiting for a generation slot; beyond this, 429")
+    queue_timeout_s: float = Field(60.0, gt=0.0, description="a request waiting longer than this gets 503")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="larger request bodies get 413")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_within_limit(cls, values: Any) -> Any:
+        """A default answer length over the limit is the limit (what a request could ask for)."""
+        if isinstance(values, dict):
+            limit = values.get("max_tokens_limit", cls.model_fields["max_tokens_limit"].default)
+            default = values.get("default_max_tokens", cls.model_fields["default_max_tokens"].default)
+            if isinstance(default, int) and isinstance(limit, int) and default > limit:
+                values = {**values, "default_max_tokens": limit}
+        return values
+
+
+def field_help(model: type[BaseModel], name: str) -> str:
+    """A field's description and default, for argparse help."""
+    field = model.model_fields[name]
+    default = field.default if field.default_factory is None else field.default_factory()
+    return f"{field.description} (default: {default})"
+
+
+def check_settings(model: type[BaseModel], origin: str, **values: Any):
+    """Validate settings given as keyword arguments (CLI options); one line naming the option."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"{origin}: --{key.replace('_', '-')}: {first['msg']}") from None

@@ -1,28 +1,44 @@
-"""Data: read a question/answer table, clean it, and split it by group.
+"""Data: find a question/answer table, read it, clean it, and split it by group.
 
 Every row that is dropped is counted by reason, and the counts travel in a manifest that the
-run directory keeps (``data_manifest.json``). Splits are made *by group*: all rows whose
-normalised question is the same (and, optionally, whose ``group_column`` value is the same)
-land in one split, so a test question was never seen in training under another row.
+run directory keeps (``data_manifest.json``) with the first few file lines of each reason.
+Drop reasons: ``malformed_row`` (CSV/TSV row with the wrong number of fields),
+``non_text_value`` (a list, object or boolean where text belongs), ``control_characters``
+(NUL or another C0 control other than tab/newline/carriage return in the question or answer),
+``empty_question``, ``empty_answer``, ``duplicate_pair`` and ``over_limit`` (``data.limit``).
+Splits are made *by group* (:mod:`medassist.splits`): all rows whose normalised question is
+the same (and, optionally, whose ``group_column`` value is the same) land in one split.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
-import random
+import math
 import re
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 
 from medassist.config import DataConfig
 from medassist.errors import DataError
+from medassist.splits import (  # noqa: F401  (re-exported: ``from medassist.data import ...``)
+    SPLITS, compact_key, cross_split_near_duplicates, group_ids, group_split, normalize_question,
+    question_key,
+)
 
-SPLITS = ("train", "validation", "test")
 _READERS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+BUNDLED = {"sample": "sample_medical_qa.csv", "medquad": "medquad.parquet"}
+_LEGACY = {"data/sample_medical_qa.csv": "sample"}  # the default before the sample moved into the package
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_SHOWN = 5  # locations kept per drop reason
+_META = "medassist"  # frame.attrs key: rows read, drops made while reading, file lines
 
 
 @dataclass
@@ -37,7 +53,12 @@ class QAExample:
 
 @dataclass
 class DataManifest:
-    """What was read, what was dropped (by reason) and how many rows each split got."""
+    """What was read, what was dropped (by reason, with the first few lines) and the split sizes.
+
+    ``dropped_at`` holds the first few locations per reason ("line N", or "row N" for JSON and
+    Parquet). ``near_duplicates_across_splits`` counts pairs of distinct questions in different
+    splits that still match under a stronger normalisation (:func:`cross_split_near_duplicates`).
+    """
 
     source: str
     sha256: str
@@ -47,6 +68,9 @@ class DataManifest:
     groups: int = 0
     rows_per_split: dict[str, int] = field(default_factory=dict)
     seed: int = 0
+    dropped_at: dict[str, list[str]] = field(default_factory=dict)
+    near_duplicates_across_splits: int = 0
+    near_duplicate_examples: list[list[str]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,11 +82,6 @@ class PreparedData:
     manifest: DataManifest
 
 
-def normalize_question(text: str) -> str:
-    """Collapse every run of whitespace to one space and strip the ends."""
-    return re.sub(r"\s+", " ", text).strip()
-
-
 def normalize_answer(text: str) -> str:
     """Strip the ends, collapse spaces/tabs inside lines, keep at most one blank line."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -70,11 +89,6 @@ def normalize_answer(text: str) -> str:
     text = re.sub(r" *\n *", "\n", text)
     text = re.sub(r"\n{3,}", "\n\n", text)
     return text.strip()
-
-
-def question_key(text: str) -> str:
-    """The grouping key: case-folded, whitespace-collapsed, trailing punctuation removed."""
-    return re.sub(r"[\s?.!]+$", "", normalize_question(text).casefold())
 
 
 def sha256_file(path: Path) -> str:
@@ -85,152 +99,298 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# ---------------------------------------------------------------------------------------
+# finding and reading the file
+def resolve_data_path(path: str | Path) -> Path:
+    """The file that ``path`` names, whatever the working directory.
+
+    An existing file wins. Otherwise the bundled names ``sample`` (and the pre-move default
+    ``data/sample_medical_qa.csv``) and ``medquad`` resolve to files inside the installed
+    package (``medassist/resources``). Anything else is a one-line DataError.
+    """
+    candidate = Path(path).expanduser()
+    if candidate.is_file():
+        return candidate
+    if candidate.is_dir():
+        raise DataError(f"{path}: is a directory, not a data file")
+    if candidate.exists():
+        raise DataError(f"{path}: not a regular file")
+    name = _LEGACY.get(candidate.as_posix(), str(path))
+    if name in BUNDLED:
+        resource = resources.files("medassist") / "resources" / BUNDLED[name]
+        if resource.is_file():
+            return Path(str(resource))
+        todo = ("convert MedQuAD's XML with `medassist data import-medquad DIR --out medquad.csv` and set "
+                "data.path to that file" if name == "medquad" else "reinstall medassist or set data.path to a file")
+        raise DataError(f"{name}: the bundled data set is not installed "
+                        f"(medassist/resources/{BUNDLED[name]} is missing); {todo}")
+    raise DataError(
+        f"{path}: file not found (relative paths start at {Path.cwd()}; bundled data: {', '.join(BUNDLED)})"
+    )
+
+
+def _decode(path: Path) -> str:
+    """The file as text: UTF-8 (a BOM is dropped), no NUL byte; errors name line and byte offset."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        hint = " (it is UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise DataError(
+            f"{path}: not UTF-8 text{hint}: invalid byte 0x{raw[exc.start]:02x} at line {line}, "
+            f"byte offset {exc.start}; save it as UTF-8"
+        ) from None
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        line = raw.count(b"\n", 0, nul) + 1
+        raise DataError(f"{path}: binary file, not text: NUL byte at line {line}, byte offset {nul}")
+    return text.removeprefix("\ufeff")
+
+
+def _read_delimited(path: Path, kind: str, columns: list[str], meta: dict) -> pd.DataFrame:
+    """CSV/TSV rows as strings; rows with the wrong number of fields go to ``meta``, not the frame."""
+    reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter="," if kind == "csv" else "\t",
+                        strict=True)
+    header: list[str] | None = None
+    rows, numbers, lines, bad = [], [], [0], []  # lines[data row] = first line of that row
+    start = 1
+    try:
+        for fields in reader:
+            line, start = start, reader.line_num + 1
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue  # a blank line
+            if header is None:
+                header = fields
+                continue
+            if len(fields) > len(header) and not any(f.strip() for f in fields[len(header):]):
+                fields = fields[: len(header)]  # trailing empty fields: nothing is lost
+            lines.append(line)
+            if len(fields) != len(header):
+                bad.append((line, len(fields)))
+            else:
+                rows.append(fields)
+                numbers.append(len(lines) - 1)
+    except csv.Error as exc:
+        what = ("unterminated quote" if "end of data" in str(exc)
+                else "text after a closing quote" if "expected after" in str(exc) else str(exc))
+        raise DataError(f"{path}: cannot parse as {kind}: {what} in the row starting at line {start}") from None
+    if header is None:
+        raise DataError(f"{path}: no header row")
+    for column in columns:
+        if header.count(column) > 1:
+            raise DataError(f"{path}: column '{column}' appears {header.count(column)} times in the header")
+    counts: dict[str, int] = {}
+    for i, name in enumerate(header):  # other repeated names: url, url.1, url.2 (as pandas names them)
+        header[i] = f"{name}.{counts[name]}" if counts.get(name) else name
+        counts[name] = counts.get(name, 0) + 1
+    shown = [f"line {ln}: {n} field{'s' * (n != 1)}, expected {len(header)}" for ln, n in bad[:_SHOWN]]
+    if bad and not rows:
+        raise DataError(f"{path}: no well-formed rows: all {len(bad)} have the wrong number of fields ({shown[0]})")
+    meta.update(rows_read=len(lines) - 1, dropped={"malformed_row": len(bad)}, line_of_row=np.asarray(lines))
+    meta["dropped_at"] = {"malformed_row": shown} if bad else {}
+    return pd.DataFrame(rows, columns=header, index=numbers, dtype=object)
+
+
+def _json_records(path: Path, text: str, lines_format: bool) -> tuple[list[dict], list[int] | None]:
+    """Records of a JSONL file (one object a line) or a JSON list of objects / column mapping."""
+    def load(chunk: str, offset: int = 0) -> Any:
+        try:
+            return json.loads(chunk)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}: invalid JSON at line {exc.lineno + offset}, column {exc.colno}: {exc.msg}"
+            ) from None
+
+    if lines_format:
+        records, lines = [], []
+        for number, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                record = load(line, number - 1)
+                if not isinstance(record, dict):
+                    raise DataError(
+                        f"{path}: line {number}: expected a JSON object, got {type(record).__name__}"
+                    )
+                records.append(record)
+                lines.append(number)
+        return records, lines
+    data = load(text)
+    if isinstance(data, dict) and all(isinstance(v, (dict, list)) for v in data.values()):
+        try:  # pandas' default "columns" orientation: {column: {index: value}}
+            data = pd.DataFrame(data, dtype=object).to_dict("records")
+        except ValueError as exc:
+            raise DataError(f"{path}: cannot read the JSON object as columns: {exc}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    for i, record in enumerate(data, 1):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: item {i}: expected a JSON object, got {type(record).__name__}")
+    return data, None
+
+
 def read_table(path: str | Path, columns: Iterable[str]) -> pd.DataFrame:
-    """Read CSV/TSV/JSONL/JSON/Parquet as strings; one DataError line per problem."""
-    path = Path(path)
+    """Read CSV/TSV/JSONL/JSON/Parquet; one DataError line (file, line) per problem.
+
+    ``path`` goes through :func:`resolve_data_path`. CSV/TSV values are strings; JSON and
+    Parquet values keep their types (:func:`clean_rows` decides what is text). A CSV/TSV row
+    with more or fewer fields than the header is never shifted: it is left out and counted as
+    ``malformed_row`` (extra fields that are all empty are trimmed instead). The frame's index
+    is the 1-based data row; ``frame.attrs["medassist"]`` holds the rows read (:func:`rows_read`),
+    those drops and the file line of each data row.
+    """
+    path = resolve_data_path(path)
+    columns = list(columns)
     kind = _READERS.get(path.suffix.lower())
     if kind is None:
         raise DataError(
             f"{path}: unknown file extension '{path.suffix}' (use .csv, .tsv, .jsonl, .json or .parquet)"
         )
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
-    try:
-        if kind in ("csv", "tsv"):
-            frame = pd.read_csv(
-                path, sep="," if kind == "csv" else "\t", dtype=str, keep_default_na=False,
-                encoding="utf-8",
-            )
-        elif kind == "jsonl":
-            frame = pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
-        elif kind == "json":
-            frame = pd.read_json(path, dtype=False, encoding="utf-8")
-        else:
+    meta: dict[str, Any] = {}
+    if kind in ("csv", "tsv"):
+        frame = _read_delimited(path, kind, columns, meta)
+    elif kind in ("jsonl", "json"):
+        records, lines = _json_records(path, _decode(path), kind == "jsonl")
+        frame = pd.DataFrame(records, index=range(1, len(records) + 1), dtype=object)
+        if lines is not None:
+            meta["line_of_row"] = np.asarray([0] + lines)
+    else:
+        try:
             frame = pd.read_parquet(path)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except (ValueError, pd.errors.ParserError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: cannot parse as {kind}: {first}") from None
-    if frame.empty:
+        except (ValueError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"{path}: cannot parse as parquet: {first}") from None
+        frame.index = range(1, len(frame) + 1)
+    n_read = meta.setdefault("rows_read", len(frame))
+    if n_read == 0:
         raise DataError(f"{path}: no data rows")
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DataError(
             f"{path}: missing column '{missing[0]}' (columns are: {', '.join(map(str, frame.columns))})"
         )
+    frame.attrs[_META] = meta
     return frame
 
 
+def rows_read(frame: pd.DataFrame) -> int:
+    """Data rows in the file behind ``frame``, malformed ones included (``len(frame)`` if unknown)."""
+    return int(frame.attrs.get(_META, {}).get("rows_read", len(frame)))
+
+
+# ---------------------------------------------------------------------------------------
+# cleaning
+def _as_text(value: Any) -> str | None:
+    """Text for a cell: strings as they are; missing -> ""; integers and finite floats -> their
+    string form (``42`` -> "42", ``0.5`` -> "0.5"); anything else (lists, objects, booleans,
+    infinities, dates) -> None, which :func:`clean_rows` counts as ``non_text_value``."""
+    if isinstance(value, str):
+        return value
+    if value is None or value is pd.NA or value is pd.NaT:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return ""
+        return str(float(value)) if math.isfinite(value) else None
+    return None
+
+
 def clean_rows(
-    frame: pd.DataFrame, question_column: str, answer_column: str, group_column: str | None = None
+    frame: pd.DataFrame,
+    question_column: str,
+    answer_column: str,
+    group_column: str | None = None,
+    dropped_at: dict[str, list[str]] | None = None,
 ) -> tuple[list[QAExample], dict[str, int]]:
-    """Normalise whitespace, drop empty rows and exact duplicate pairs; count each drop."""
-    dropped = {"empty_question": 0, "empty_answer": 0, "duplicate_pair": 0}
+    """Normalise whitespace and drop unusable rows, counting every drop by reason.
+
+    Non-string cells are converted deliberately: integers and finite floats become their string
+    form (an answer of ``42`` is "42"); lists, objects, booleans and other types are dropped as
+    ``non_text_value``; missing cells are empty. Rows whose question or answer holds NUL or
+    another C0 control character (other than tab, newline, carriage return) are dropped as
+    ``control_characters``. Drops made by :func:`read_table` (``malformed_row``) are included.
+    If ``dropped_at`` is given it receives the first few locations ("line N" or "row N") per reason.
+    """
+    meta = frame.attrs.get(_META, {})
+    dropped = {"malformed_row": 0, "non_text_value": 0, "control_characters": 0,
+               "empty_question": 0, "empty_answer": 0, "duplicate_pair": 0}
+    dropped.update(meta.get("dropped", {}))
+    where: dict[str, list[str]] = {k: list(v) for k, v in meta.get("dropped_at", {}).items()}
+    line_of_row = meta.get("line_of_row")
+    rows = [int(r) for r in frame.index] if meta else list(range(1, len(frame) + 1))
+
+    def drop(reason: str, i: int) -> None:
+        dropped[reason] += 1
+        shown = where.setdefault(reason, [])
+        if len(shown) < _SHOWN:
+            shown.append(f"line {line_of_row[rows[i]]}" if line_of_row is not None else f"row {rows[i]}")
+
     seen: set[tuple[str, str]] = set()
     kept: list[QAExample] = []
-    for index, record in enumerate(frame.to_dict("records")):
-        raw_q, raw_a = record.get(question_column), record.get(answer_column)
-        question = normalize_question(raw_q) if isinstance(raw_q, str) else ""
-        answer = normalize_answer(raw_a) if isinstance(raw_a, str) else ""
+    for i, record in enumerate(frame.to_dict("records")):
+        raw_q, raw_a = _as_text(record.get(question_column)), _as_text(record.get(answer_column))
+        if raw_q is None or raw_a is None:
+            drop("non_text_value", i)
+            continue
+        if _CONTROL.search(raw_q) or _CONTROL.search(raw_a):
+            drop("control_characters", i)
+            continue
+        question, answer = normalize_question(raw_q), normalize_answer(raw_a)
         if not question:
-            dropped["empty_question"] += 1
+            drop("empty_question", i)
             continue
         if not answer:
-            dropped["empty_answer"] += 1
+            drop("empty_answer", i)
             continue
         pair = (question_key(question), answer)
         if pair in seen:
-            dropped["duplicate_pair"] += 1
+            drop("duplicate_pair", i)
             continue
         seen.add(pair)
         group = None
         if group_column is not None:
-            value = record.get(group_column)
-            group = normalize_question(str(value)).casefold() if value not in (None, "") else None
-        kept.append(QAExample(question=question, answer=answer, row=index + 1, group=group))
+            value = _as_text(record.get(group_column))
+            group = (question_key(value) or None) if value else None
+        kept.append(QAExample(question=question, answer=answer, row=rows[i], group=group))
+    if dropped_at is not None:
+        dropped_at.update(where)
     return kept, dropped
 
 
-def _group_ids(examples: list[QAExample]) -> list[int]:
-    """Connected components over 'same normalised question' and 'same group value'."""
-    parent = list(range(len(examples)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first_by_key: dict[tuple[str, str], int] = {}
-    for i, ex in enumerate(examples):
-        keys = [("q", question_key(ex.question))]
-        if ex.group:
-            keys.append(("g", ex.group))
-        for key in keys:
-            j = first_by_key.setdefault(key, i)
-            if j != i:
-                parent[find(i)] = find(j)
-    return [find(i) for i in range(len(examples))]
-
-
-def group_split(
-    examples: list[QAExample],
-    validation_fraction: float = 0.05,
-    test_fraction: float = 0.05,
-    seed: int = 42,
-) -> dict[str, list[QAExample]]:
-    """Split whole groups into train/validation/test, seeded and deterministic.
-
-    Groups are shuffled with ``seed`` and handed to test, then validation, until each holds
-    its share of rows; the rest is train. With at least three groups and non-zero fractions,
-    validation and test each get at least one group.
-    """
-    ids = _group_ids(examples)
-    members: dict[int, list[int]] = {}
-    for i, gid in enumerate(ids):
-        members.setdefault(gid, []).append(i)
-    order = sorted(members, key=lambda g: members[g][0])
-    random.Random(seed).shuffle(order)
-    n = len(examples)
-    targets = {"test": test_fraction * n, "validation": validation_fraction * n}
-    assigned: dict[str, list[int]] = {s: [] for s in SPLITS}
-    cursor = 0
-    for split in ("test", "validation"):
-        while cursor < len(order) - 1 and len(assigned[split]) < targets[split]:
-            size = len(members[order[cursor]])
-            overshoot = len(assigned[split]) + size - targets[split]
-            if assigned[split] and overshoot > targets[split] - len(assigned[split]):
-                break  # closer to the target without this group
-            assigned[split].extend(members[order[cursor]])
-            cursor += 1
-    for gid in order[cursor:]:
-        assigned["train"].extend(members[gid])
-    return {s: [examples[i] for i in sorted(assigned[s])] for s in SPLITS}
-
-
+# ---------------------------------------------------------------------------------------
+# the whole stage, and the split files
 def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
     """Read, clean and split the configured file; the manifest records every count."""
+    path = resolve_data_path(cfg.path)
     columns = [cfg.question_column, cfg.answer_column] + ([cfg.group_column] if cfg.group_column else [])
-    frame = read_table(cfg.path, columns)
-    examples, dropped = clean_rows(frame, cfg.question_column, cfg.answer_column, cfg.group_column)
+    frame = read_table(path, columns)
+    where: dict[str, list[str]] = {}
+    examples, dropped = clean_rows(frame, cfg.question_column, cfg.answer_column, cfg.group_column, where)
     if cfg.limit is not None and len(examples) > cfg.limit:
         dropped["over_limit"] = len(examples) - cfg.limit
         examples = examples[: cfg.limit]
     if not examples:
-        raise DataError(f"{cfg.path}: no usable rows (dropped: {dropped})")
+        counts = ", ".join(f"{k} {v}" for k, v in dropped.items() if v)
+        raise DataError(f"{cfg.path}: no usable rows (dropped: {counts or 'none'})")
     splits = group_split(examples, cfg.validation_fraction, cfg.test_fraction, seed)
+    near, near_examples = cross_split_near_duplicates(splits)
     manifest = DataManifest(
-        source=str(Path(cfg.path).resolve()),
-        sha256=sha256_file(Path(cfg.path)),
-        rows_read=len(frame),
+        source=str(path.resolve()),
+        sha256=sha256_file(path),
+        rows_read=rows_read(frame),
         dropped=dropped,
         rows_kept=len(examples),
-        groups=len(set(_group_ids(examples))),
+        groups=len(set(group_ids(examples))),
         rows_per_split={s: len(v) for s, v in splits.items()},
         seed=seed,
+        dropped_at=where,
+        near_duplicates_across_splits=near,
+        near_duplicate_examples=near_examples,
     )
     return PreparedData(splits=splits, manifest=manifest)
 

@@ -29,6 +29,7 @@ import yaml
 
 from medassist import __version__
 from medassist.errors import MedassistError
+from medassist.families import DECODER, get_family
 
 # files of final/ that are not shared: PEFT's template card (we write our own) and the pickled
 # TrainingArguments (a pickle is code; the card carries the config as YAML instead)
@@ -143,10 +144,10 @@ def model_card(run_dir: Path, cfg, kind: str, name: str) -> str:
     summary = _read_json(run_dir / "train_summary.json") or {}
     test = _read_json(run_dir / "eval_test.json")
     _, hub_id = base_model_reference(cfg.model)
-    family = cfg.model_type or "decoder"
+    family = get_family(cfg.model_type or DECODER)
     front = {
         "library_name": "peft" if kind == "adapter" else "transformers",
-        "pipeline_tag": "text2text-generation" if family == "encoder-decoder" else "text-generation",
+        "pipeline_tag": family.pipeline_tag,
         "tags": ["medassist", "medical", "question-answering"] + (["lora"] if kind != "full" else []),
     }
     if hub_id:
@@ -162,7 +163,7 @@ def model_card(run_dir: Path, cfg, kind: str, name: str) -> str:
              f"from `{cfg.model}`{f' ({hub_id})' if hub_id and hub_id != cfg.model else ''}.", "",
              "## Model", "",
              f"- Base model: `{cfg.model}`" + (f" (`{hub_id}`)" if hub_id and hub_id != cfg.model else ""),
-             f"- Family: {family}; method: {method}",
+             f"- Family: {family.name}; method: {method}",
              f"- This folder holds {shipped}.",
              f"- Prompt format: {cfg.prompt_format}" + (f"; system prompt: {cfg.system_prompt!r}" if cfg.system_prompt else ""),
              ""]
@@ -211,7 +212,7 @@ def model_card(run_dir: Path, cfg, kind: str, name: str) -> str:
         lines += ["No test-split evaluation was run for this model (`report: false`); see the validation loss "
                   "above, or run `medassist evaluate`.", ""]
     lines += ["## How to use", "", "```python"]
-    auto = "AutoModelForSeq2SeqLM" if family == "encoder-decoder" else "AutoModelForCausalLM"
+    auto = family.auto_class_name
     if kind == "adapter":
         lines += ["from peft import PeftModel",
                   "from medassist.models import load_pretrained  # or transformers' Auto* for a hub base model",

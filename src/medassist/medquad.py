@@ -3,7 +3,7 @@
 MedQuAD ships as a directory tree of XML documents, one per topic, for example
 ``1_CancerGov_QA/0000001_1.xml``. Each document looks like::
 
-    <Document id="0000001_1" source="CancerGov" url="...">
+    <Document id="0000001_1" source="CancerGov" url="https://www.cancer.gov/...">
       <Focus>Adult Acute Lymphoblastic Leukemia</Focus>
       <QAPairs>
         <QAPair pid="1">
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from medassist.errors import DataError
 
-COLUMNS = ("question", "answer", "qtype", "focus", "source")
+COLUMNS = ("question", "answer", "qtype", "focus", "source", "url")
 
 _WS = re.compile(r"\s+")
 
@@ -58,9 +58,11 @@ def _collapse(text: str) -> str:
 def import_medquad(root: Path) -> tuple[list[dict], ImportStats]:
     """Read every ``*.xml`` file under ``root`` (recursively, in sorted order).
 
-    Returns one dict per kept pair with keys question, answer, qtype, focus and
-    source. The question and focus have their whitespace collapsed; the answer
-    is only stripped, so its internal line breaks survive. ``source`` is the
+    Returns one dict per kept pair with keys question, answer, qtype, focus,
+    source and url. ``url`` is the Document's ``url`` attribute (the NIH page
+    the answer came from; cite it when the answer is shown), "" when absent.
+    The question and focus have their whitespace collapsed; the answer is only
+    stripped, so its internal line breaks survive. ``source`` is the
     Document's ``source`` attribute, or else the name of the top-level folder
     under ``root`` that holds the file. Files that are not well-formed XML are
     listed in the stats and skipped.
@@ -87,6 +89,7 @@ def import_medquad(root: Path) -> tuple[list[dict], ImportStats]:
         folder = rel.parts[0] if len(rel.parts) > 1 else ""
         source = (doc.get("source") or "").strip() or folder
         focus = _collapse(_text(doc.find("Focus")))
+        url = (doc.get("url") or "").strip()
         for pair in doc.iter("QAPair"):
             stats.pairs_seen += 1
             q = pair.find("Question")
@@ -101,6 +104,7 @@ def import_medquad(root: Path) -> tuple[list[dict], ImportStats]:
                     "qtype": (q.get("qtype", "") if q is not None else "").strip(),
                     "focus": focus,
                     "source": source,
+                    "url": url,
                 }
             )
             stats.pairs_kept += 1

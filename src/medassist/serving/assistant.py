@@ -1,0 +1,128 @@
+"""The assistant: a loaded model that answers questions, in a terminal or behind HTTP.
+
+It builds prompts with the family's formatter (the one the model was trained with, with the
+system prompt of the run), keeps a conversation within the model's context, checks lengths
+before anything runs, and generates through the one engine (:mod:`medassist.engine`), so an
+answer here is the answer ``evaluate`` scores. No I/O.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Sequence
+
+from medassist.config import GenerationSettings
+from medassist.engine import Answer, Stream
+from medassist.errors import MedassistError
+from medassist.models import LoadedModel
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are medassist, a careful medical information assistant. Give accurate, clear, general "
+    "information, say when you are not sure, and recommend seeing a clinician for personal "
+    "medical decisions such as diagnosis, treatment or medication changes."
+)
+DISCLAIMER = (
+    "medassist gives general medical information, not medical advice. "
+    "For decisions about your health, see a clinician."
+)
+MIN_TEMPERATURE = 1e-3  # below this, sampling is numerically greedy anyway (and 1e-300 overflows)
+
+
+class RequestError(MedassistError):
+    """A generation request that cannot be served as asked (too long, bad parameter)."""
+
+
+def sampling(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             stop: Sequence[str] = ()) -> GenerationSettings:
+    """Generation settings from the OpenAI-style knobs: temperature 0 means greedy."""
+    do_sample = temperature >= MIN_TEMPERATURE
+    try:
+        return GenerationSettings(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  temperature=temperature if do_sample else 1.0,
+                                  top_p=top_p if do_sample and top_p > 0 else 1.0, stop=list(stop))
+    except ValueError as exc:  # pydantic's ValidationError
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+        raise RequestError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+class Assistant:
+    """Answers questions with one model.
+
+    ``system_prompt``: None keeps the run's own system prompt, or, when it has none and the
+    model uses a chat template, :data:`DEFAULT_SYSTEM_PROMPT` (plain-template runs keep none,
+    as they were trained); a string replaces it ("" removes it). Families whose chats keep no
+    history (encoder-decoder) answer each question on its own, without a system prompt.
+    """
+
+    def __init__(self, loaded: LoadedModel, system_prompt: str | None = None, max_prompt_tokens: int = 1024) -> None:
+        self.loaded, self.family = loaded, loaded.family
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        fmt = loaded.format(truncate_prompt=False)  # serving checks lengths itself: an error, not a cut
+        if system_prompt is not None:
+            fmt = fmt.with_system_prompt(system_prompt)
+        elif fmt.system_prompt is None and fmt.uses_chat_template:
+            fmt = fmt.with_system_prompt(DEFAULT_SYSTEM_PROMPT)
+        self.fmt = fmt
+        self.engine = loaded.engine(fmt)
+        # fast tokenizers reconfigure themselves per call; concurrent encodes can collide
+        self._encode_lock = threading.Lock()
+
+    @property
+    def keeps_history(self) -> bool:
+        return self.family.keeps_history
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self.fmt.system_prompt
+
+    # -- prompts ------------------------------------------------------------------------
+    def prompt_ids(self, question: str, history: Sequence[tuple[str, str]] = (),
+                   system_prompt: str | None = None) -> list[int]:
+        """Prompt tokens, uncut; ``system_prompt`` overrides the default for this call only."""
+        fmt = self.fmt if system_prompt is None else self.fmt.with_system_prompt(system_prompt)
+        with self._encode_lock:
+            return fmt.prompt_ids(question, list(history) if self.keeps_history else ())
+
+    def check_lengths(self, n_prompt: int, max_new_tokens: int) -> None:
+        """Raise :class:`RequestError` when the prompt or the answer cannot fit."""
+        if n_prompt > self.max_prompt_tokens:
+            raise RequestError(f"the prompt is {n_prompt} tokens; this server accepts at most {self.max_prompt_tokens}")
+        problem = self.family.length_problem(self.model, n_prompt, max_new_tokens)
+        if problem:
+            raise RequestError(problem)
+
+    def fit_history(self, question: str, history: Sequence[tuple[str, str]], max_new_tokens: int
+                    ) -> list[tuple[str, str]]:
+        """The most recent turns that fit with ``question``; RequestError if it alone does not."""
+        kept = list(history) if self.keeps_history else []
+        while True:
+            try:
+                self.check_lengths(len(self.prompt_ids(question, kept)), max_new_tokens)
+                return kept
+            except RequestError:
+                if not kept:
+                    raise
+                kept = kept[1:]
+
+    # -- generation ---------------------------------------------------------------------
+    def start(self, prompt_ids: list[int], settings: GenerationSettings, sink: Callable[[Any], None] | None = None,
+              on_finish: Callable[[], None] | None = None) -> Stream:
+        """Start generating in a worker thread (see :class:`~medassist.engine.Stream`)."""
+        return self.engine.stream(prompt_ids, settings, sink, on_finish)
+
+    def stream(self, question: str, history: Sequence[tuple[str, str]] = (),
+               settings: GenerationSettings | None = None) -> Stream:
+        """Check lengths and start; iterate the result for text pieces as they come."""
+        settings = settings or sampling(256)
+        ids = self.prompt_ids(question, history)
+        self.check_lengths(len(ids), settings.max_new_tokens)
+        return self.start(ids, settings)
+
+    def generate(self, question: str, history: Sequence[tuple[str, str]] = (),
+                 settings: GenerationSettings | None = None) -> Answer:
+        """Answer one question (blocking)."""
+        stream = self.stream(question, history, settings)
+        for _ in stream:
+            pass
+        return stream.result()
