@@ -1,0 +1,54 @@
+"""``medassist train``: fine-tune a model and write a run directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from medassist.cli.common import say as _say
+from medassist.families import FAMILIES
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medassist.config import load_config
+
+    overrides = list(args.set or [])
+    if args.model_type:
+        overrides.append(f"model_type={args.model_type}")
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    cfg = load_config(args.config, overrides)
+    from medassist.distributed import is_main_process
+    from medassist.training import train
+
+    result = train(cfg, log=_say if is_main_process() else (lambda _m: None), resume=_resume_arg(args, cfg))
+    if is_main_process():
+        s = result.summary
+        print(f"run: {result.run_dir}")
+        print(f"final model: {result.run_dir / 'final'}")
+        print(f"steps {s['steps']}, final train loss {s['final_train_loss']}, "
+              f"validation loss {s['final_validation_loss']}")
+        if result.report:
+            print(f"report: {result.report.get('report_html', result.run_dir / 'report')}")
+    return 0
+
+
+def _resume_arg(args, cfg):
+    if not getattr(args, "resume", None):
+        return None
+    from medassist.training import find_resume_checkpoint
+
+    return find_resume_checkpoint(Path(cfg.output_dir), args.resume)
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model (decoder-only LoRA or encoder-decoder)",
+                       description="Fine-tune a model on a question/answer file and write a run directory.")
+    p.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
+    p.add_argument("--model-type", choices=list(FAMILIES), help="model family")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key (dotted for sections: lora.r=8); repeatable")
+    p.add_argument("--output-dir", help="run directory (overrides output_dir)")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="auto|PATH",
+                   help="continue from the newest complete checkpoint (auto) or the one given")
+    p.set_defaults(func=cmd_train)
+
