@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Sequence
 
+from medassist import DISCLAIMER  # noqa: F401 - re-exported for the serving layer
 from medassist.config import GenerationSettings
 from medassist.engine import Answer, Stream
 from medassist.errors import MedassistError
@@ -20,10 +21,6 @@ DEFAULT_SYSTEM_PROMPT = (
     "You are medassist, a careful medical information assistant. Give accurate, clear, general "
     "information, say when you are not sure, and recommend seeing a clinician for personal "
     "medical decisions such as diagnosis, treatment or medication changes."
-)
-DISCLAIMER = (
-    "medassist gives general medical information, not medical advice. "
-    "For decisions about your health, see a clinician."
 )
 MIN_TEMPERATURE = 1e-3  # below this, sampling is numerically greedy anyway (and 1e-300 overflows)
 
