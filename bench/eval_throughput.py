@@ -51,17 +51,18 @@ def validation_questions(n: int, seed: int = 42):
 
 # ---------------------------------------------------------------------------------------
 def run_evaluator(model, fmt, examples, args) -> dict:
+    from medassist.config import GenerationSettings
+    from medassist.engine import Engine
     from medassist.evaluation import get_bert_scorer, score_model
-    from medassist.generation import GenerationSettings
 
     scorer = get_bert_scorer("minilm-l6")  # cached: loaded on the first call of the process
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     start = time.perf_counter()
-    result = score_model(model, fmt, examples, settings, scorer, ppl_batch_size=args.batch_size)
+    result = score_model(Engine(model, fmt, args.family), examples, settings, scorer, ppl_batch_size=args.batch_size)
     total = time.perf_counter() - start
-    return {"texts": result["generated"], "seconds": total, "generation_seconds": result["timing"]["generation_seconds"],
-            "bertscore_f1": result["bertscore_f1"], "perplexity": result["perplexity"],
-            "tokens": sum(result["generated_tokens"])}
+    return {"texts": result.generated, "seconds": total, "generation_seconds": result.timing["generation_seconds"],
+            "bertscore_f1": result.bertscore_f1, "perplexity": result.perplexity,
+            "tokens": sum(result.generated_tokens)}
 
 
 def run_naive(model, fmt, examples, args) -> dict:
@@ -72,7 +73,7 @@ def run_naive(model, fmt, examples, args) -> dict:
 
     from medassist.evaluation import rouge_l
     from medassist.formatting import IGNORE_INDEX
-    from medassist.generation import stop_ids
+    from medassist.engine import stop_ids
     from medassist.models import minilm_folder
 
     stops = stop_ids(model, fmt)
@@ -129,16 +130,18 @@ def bertscore_rates(candidates, references, per_call: int, order: list[str]) -> 
     return {v: len(candidates) * runs[v] / seconds[v] for v in seconds}
 
 
-def warm_up(model, fmt, examples) -> None:
+def warm_up(model, fmt, family, examples) -> None:
     """Page the weights in and let oneDNN build its kernels before any timing: the first
     forward after loading reads the memory-mapped safetensors from disk (seconds to tens of
     seconds on a busy machine) and would otherwise be charged to whichever variant runs first."""
+    from medassist.config import GenerationSettings
+    from medassist.engine import Engine
     from medassist.evaluation import get_bert_scorer
-    from medassist.generation import GenerationSettings, generate_answers
 
     questions = [ex.question for ex in examples[:2]]
-    generate_answers(model, fmt, questions, GenerationSettings(max_new_tokens=4, batch_size=2))
-    generate_answers(model, fmt, questions[:1], GenerationSettings(max_new_tokens=4, batch_size=1))
+    engine = Engine(model, fmt, family)
+    engine.answer(questions, GenerationSettings(max_new_tokens=4, batch_size=2))
+    engine.answer(questions[:1], GenerationSettings(max_new_tokens=4, batch_size=1))
     get_bert_scorer("minilm-l6").score(questions, [ex.answer for ex in examples[:2]])
 
 
@@ -163,17 +166,17 @@ def main() -> None:
 
     from medassist.config import load_config
     from medassist.evaluation import get_bert_scorer
-    from medassist.formatting import make_format
     from medassist.models import load_for_inference
 
     info = common.machine_info()
     path, examples = validation_questions(args.examples)
     loaded = load_for_inference(args.model)
-    fmt = make_format(loaded.family, loaded.tokenizer, load_config(common.ROOT / "configs" / "default.yaml"))
+    fmt = loaded.family.make_format(loaded.tokenizer, load_config(common.ROOT / "configs" / "default.yaml"))
+    args.family = loaded.family
     load_start = time.perf_counter()
     get_bert_scorer("minilm-l6")
     scorer_load = time.perf_counter() - load_start
-    warm_up(loaded.model, fmt, examples)
+    warm_up(loaded.model, fmt, loaded.family, examples)
     order = common.abba(["evaluator", "naive"], args.repeats)
     say(f"machine: {common.machine_line(info)}")
     say(f"data: {path}, {len(examples)} validation questions; model {args.model} (fp32, greedy, "

@@ -2,7 +2,7 @@
 
 Reads data/eval/factual_consistency_labelled.jsonl (question, reference, answer, label
 supported|unsupported, kind, split design|holdout) and prints ROC AUC (Mann-Whitney) with a seeded
-bootstrap 95% CI for (a) medassist.factual's factual_consistency and (b) BERTScore F1 with the
+bootstrap 95% CI for (a) medassist.evaluation.factual's factual_consistency and (b) BERTScore F1 with the
 embedded MiniLM encoder, overall, per split, and per kind (the share of each unsupported kind
 that scores below the median supported answer, since a kind holds one label only).
 
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from medassist.factual import build_idf, get_factual_scorer, write_idf  # noqa: E402
+from medassist.evaluation.factual import build_idf, get_factual_scorer, write_idf  # noqa: E402
 
 DATA = ROOT / "data" / "eval" / "factual_consistency_labelled.jsonl"
 MEDQUAD = Path("/work/shared/data/medquad.csv")

@@ -85,7 +85,7 @@ def test_splits_round_trip(tmp_path, sample_csv):
     write_splits(prepared.splits, tmp_path)
     assert read_split(tmp_path / "test.jsonl") == prepared.splits["test"]
     first = json.loads((tmp_path / "train.jsonl").read_text().splitlines()[0])
-    assert set(first) == {"question", "answer", "row", "group"}
+    assert set(first) == {"question", "answer", "row", "group", "meta"}
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])

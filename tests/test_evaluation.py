@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ from medassist.config import EvalConfig, load_config
 from medassist.data import QAExample, question_key, read_split
 from medassist.evaluation import (
     METRIC_KEYS,
+    EvalResult,
     base_model_context,
     evaluate_examples,
     get_bert_scorer,
@@ -33,6 +35,17 @@ EXAMPLES = [
     QAExample("What is asthma?", "A long-term disease in which the airways swell and narrow.", row=2),
     QAExample("Is influenza contagious?", "Yes, it spreads through droplets when people cough.", row=3),
 ]
+
+
+def bag_of_words(texts):
+    """A stand-in question encoder: hashed word counts, L2-normalised (no model needed)."""
+    import numpy as np
+
+    out = np.zeros((len(texts), 64), dtype=np.float32)
+    for i, text in enumerate(texts):
+        for word in text.lower().replace("?", " ").split():
+            out[i, sum(map(ord, word)) % 64] += 1
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
 @pytest.fixture(scope="module")
@@ -153,27 +166,52 @@ def test_perplexity_batched_equals_a_direct_forward(which, request):
 
 # ---------------------------------------------------------------------------------------
 # the result dict, baselines, training hooks
-def test_evaluate_examples_keys_and_peft_base_baseline(qwen, scorer):
+def test_evaluate_examples_typed_result_with_every_baseline(qwen, scorer):
     from peft import LoraConfig, get_peft_model
 
     model, fmt, family = qwen
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM")).eval()
+    train = [QAExample("How is influenza treated?", "Rest, fluids and antiviral drugs.", row=10),
+             QAExample("What causes asthma?", "Allergens and airway inflammation.", row=11)]
+    examples = [QAExample(ex.question, ex.answer, ex.row, meta={"qtype": "information", "source": s})
+                for ex, s in zip(EXAMPLES, ("GHR", "GHR", "CDC"))]
     try:
-        result = evaluate_examples(Engine(peft_model, fmt, family), EXAMPLES, EvalConfig(max_new_tokens=4),
-                                   base_model=base_model_context(peft_model, None), scorer=scorer)
+        result = evaluate_examples(Engine(peft_model, fmt, family), examples, EvalConfig(max_new_tokens=4),
+                                   base_model=base_model_context(peft_model, None), scorer=scorer,
+                                   train_examples=train, embed=bag_of_words)
     finally:
         peft_model.unload()
-    for key in METRIC_KEYS + ("n_examples", "baselines", "settings", "examples"):
-        assert key in result
-    assert result["n_examples"] == 3 and len(result["examples"]) == 3
-    assert {"question", "reference", "generated", "bertscore_f1"} <= set(result["examples"][0])
-    assert [r["question"] for r in result["examples"]] == [ex.question for ex in EXAMPLES]
-    assert result["baselines"]["base_model"]["n_examples"] == 3
-    repeat = result["baselines"]["repeat_question"]
-    assert repeat["perplexity"] is None and 0 < repeat["bertscore_f1"] <= 1
-    assert result["settings"]["bertscore"]["hash"] == scorer.hash
-    assert result["settings"]["generation"]["max_new_tokens"] == 4
-    json.dumps(result)  # the report is plain JSON
+    assert isinstance(result, EvalResult) and result.n_examples == 3 and len(result.examples) == 3
+    assert set(result.baselines) == {"base_model", "nearest_training_answer", "repeat_question"}
+    assert [v.baseline for v in result.verdicts] == list(result.baselines)
+    assert all(v.verdict in ("yes", "no", "can't tell") for v in result.verdicts)
+    assert [r.question for r in result.examples] == [ex.question for ex in EXAMPLES]
+    row = result.examples[0]
+    assert {"bertscore_f1", "factual_consistency", "rouge_l", "log_perplexity"} <= set(row.scores)
+    assert row.baselines["nearest_training_answer"].source_row in (10, 11)
+    assert row.baselines["repeat_question"].text == EXAMPLES[0].question
+    # every metric with per-example values is compared with every baseline
+    compared = {(c.baseline, c.metric) for c in result.comparisons}
+    assert ("base_model", "log_perplexity") in compared and ("repeat_question", "factual_consistency") in compared
+    assert ("repeat_question", "log_perplexity") not in compared  # no model, no perplexity
+    assert all(c.wins + c.ties + c.losses == c.n == 3 for c in result.comparisons)
+    assert [g.n for g in result.breakdowns["source"]] == [2, 1]
+    assert result.settings["bertscore"]["hash"] == scorer.hash
+    assert result.settings["generation"]["max_new_tokens"] == 4
+    data = result.to_json()
+    json.dumps(data, allow_nan=False)  # plain JSON
+    assert "per_example" not in data["model"] and data["bertscore_f1"] == data["model"]["bertscore_f1"]
+    assert EvalResult.from_json(data).model.bertscore_f1 == result.model.bertscore_f1
+
+
+def test_per_example_log_perplexity_pools_to_the_perplexity(qwen):
+    model, fmt, family = qwen
+    result = perplexity_and_accuracy(model, fmt, family, EXAMPLES, batch_size=2)
+    counts = [sum(t != IGNORE_INDEX for t in fmt.encode(ex.question, ex.answer).labels) for ex in EXAMPLES]
+    pooled = sum(lp * n for lp, n in zip(result["log_perplexity"], counts)) / sum(counts)
+    assert math.exp(pooled) == pytest.approx(result["perplexity"], rel=1e-5)
+    single = [perplexity_and_accuracy(model, fmt, family, [ex])["log_perplexity"][0] for ex in EXAMPLES]
+    assert result["log_perplexity"] == pytest.approx(single, rel=1e-4)  # in input order, whatever the batches
 
 
 def test_training_evaluator_uses_a_fixed_subset_and_restores_train_mode(t5):
@@ -229,7 +267,11 @@ def test_run_is_evaluated_on_questions_it_never_trained_on(tmp_path, capsys):
     written = json.loads((run / "eval_test.json").read_text())
     assert [question_key(r["question"]) for r in written["examples"]] == test_keys
     assert not train_keys & set(test_keys)
-    assert "base_model" in written["baselines"] and (run / "report" / "report.html").is_file()
+    assert {"base_model", "nearest_training_answer", "repeat_question"} <= set(written["baselines"])
+    assert [v["baseline"] for v in written["verdicts"]] == list(written["baselines"])
+    assert (run / "report" / "report.html").is_file()
+    train_rows = {ex.row for ex in read_split(run / "splits" / "train.jsonl")}
+    assert all(r["baselines"]["nearest_training_answer"]["source_row"] in train_rows for r in written["examples"])
     assert result.report["report_html"] == str(run / "report" / "report.html")
     assert any("eval_bertscore_f1" in r and "eval_perplexity" in r and "eval_token_accuracy" in r for r in logged)
 
@@ -244,6 +286,26 @@ def test_run_is_evaluated_on_questions_it_never_trained_on(tmp_path, capsys):
         assert evaluated == test_keys and not train_keys & set(evaluated)
     printed = capsys.readouterr().out
     assert "bertscore_f1" in printed and "report:" in printed
+    assert "better than the nearest training question's answer: " in printed
+    assert "better than the base model: not scored (eval.baselines is false)" in printed  # --no-baselines
+
+    # --data F --limit N: the training-overlap warning counts the N scored questions, not the file
+    data_file = tmp_path / "mixed.csv"
+    train_rows = read_split(run / "splits" / "train.jsonl")
+    with open(data_file, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["question", "answer", "qtype"])
+        writer.writerows([ex.question, ex.answer, f"t{i % 2}"] for i, ex in enumerate(train_rows[:6]))
+    out = tmp_path / "data.json"
+    assert main(["evaluate", "--model", str(run), "--data", str(data_file), "--limit", "2", "--no-baselines",
+                 "--max-new-tokens", "2", "--output", str(out)]) == 0
+    assert "2 of the 2 scored questions are in the run's training split" in capsys.readouterr().err
+    written = json.loads(out.read_text())
+    assert written["data"]["train_overlap"] == 2 and written["n_examples"] == 2
+    assert [g["n"] for g in written["breakdowns"]["qtype"]] == [1, 1]
+    for r in written["examples"]:  # a trained question is never answered with its own training row
+        own = next(ex.row for ex in train_rows if ex.question == r["question"])
+        assert r["baselines"]["nearest_training_answer"]["source_row"] != own
 
 
 def test_evaluate_cli_user_errors(tmp_path, capsys):
@@ -254,6 +316,168 @@ def test_evaluate_cli_user_errors(tmp_path, capsys):
     assert main(["evaluate", "--model", "tiny-qwen3", "--set", "eval.bertscore_model=tiny-t5",
                  "--limit", "1", "--max-new-tokens", "2"]) == 2
     assert "not an encoder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# statistics: paired intervals, verdicts, win counts
+def test_bootstrap_interval_covers_the_true_difference_and_is_seeded():
+    import numpy as np
+
+    from medassist.evaluation.stats import paired_difference
+
+    rng = np.random.default_rng(0)
+    covered = 0
+    for trial in range(40):  # true mean difference 0.03; nominal coverage 95%
+        base = rng.uniform(0.4, 0.7, 60)
+        model = base + 0.03 + rng.normal(0, 0.08, 60)
+        d = paired_difference(model.tolist(), base.tolist(), resamples=1000, seed=trial)
+        covered += d.low <= 0.03 <= d.high
+    assert covered >= 34, covered
+    assert paired_difference(model, base, seed=7) == paired_difference(model, base, seed=7)
+    assert paired_difference(model, base, seed=7).low != paired_difference(model, base, seed=8).low
+
+
+def test_pairing_finds_a_small_consistent_improvement():
+    import numpy as np
+
+    from medassist.evaluation.stats import paired_difference
+
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.2, 0.8, 40)  # questions differ a lot; the model is better on each by ~0.03
+    model = base + 0.03 + rng.normal(0, 0.01, 40)
+    d = paired_difference(model.tolist(), base.tolist())
+    assert d.verdict == "yes" and d.low > 0 and d.wins == 40
+    # an unpaired view would not see it: the spread between questions dwarfs the difference
+    assert abs(model.mean() - base.mean()) < 2 * base.std() / np.sqrt(40) * np.sqrt(2)
+
+
+def test_verdicts_and_win_counts():
+    from medassist.evaluation.stats import overall_verdict, paired_difference
+
+    base = [0.3 + 0.01 * i for i in range(30)]
+    up = paired_difference([b + 0.1 for b in base], base)
+    assert up.verdict == "yes" and (up.wins, up.ties, up.losses) == (30, 0, 0)
+    assert up.difference == pytest.approx(0.1) and up.low == pytest.approx(0.1) and up.high == pytest.approx(0.1)
+    assert paired_difference([b - 0.1 for b in base], base).verdict == "no"
+    lower = paired_difference([b - 0.1 for b in base], base, higher_is_better=False)  # perplexity-like
+    assert lower.verdict == "yes" and lower.wins == 30
+    noisy = paired_difference([b + (0.05 if i % 2 else -0.05) for i, b in enumerate(base)], base)
+    assert noisy.verdict == "can't tell" and (noisy.wins, noisy.losses) == (15, 15)
+    same = paired_difference(base, base)
+    assert same.verdict == "can't tell" and same.ties == 30
+    missing = paired_difference([0.5, None, 0.7], [0.4, 0.2, None])
+    assert missing.n == 1 and missing.verdict == "can't tell"
+    few = paired_difference([b + 0.1 for b in base[:5]], base[:5])  # too few questions for a verdict
+    assert few.low == pytest.approx(0.1) and few.verdict == "can't tell"
+    assert overall_verdict({"F1": "yes", "factual": "can't tell"})[0] == "yes"
+    assert overall_verdict({"F1": "yes", "factual": "no"}) == ("can't tell", "mixed: better on F1, worse on factual")
+    assert overall_verdict({"F1": "no", "perplexity": "can't tell"})[0] == "no"
+
+
+def synthetic_system(name, values: dict[str, list[float]]):
+    from medassist.evaluation.results import SystemResult
+
+    n = len(next(iter(values.values())))
+    return SystemResult(name=name, label=name, n_examples=n, per_example=values, generated=[f"{name} {i}" for i in range(n)],
+                        **{k: sum(v) / n for k, v in values.items() if k != "log_perplexity"})
+
+
+def test_constant_improvement_gives_yes_and_breakdowns_add_up():
+    from medassist.evaluation import assemble
+
+    n = 12
+    base = {"bertscore_f1": [0.5 + 0.02 * i for i in range(n)], "factual_consistency": [0.3 + 0.01 * i for i in range(n)],
+            "log_perplexity": [2.0 + 0.1 * i for i in range(n)]}
+    model = {"bertscore_f1": [v + 0.1 for v in base["bertscore_f1"]],
+             "factual_consistency": [v + 0.1 for v in base["factual_consistency"]],
+             "log_perplexity": [v - 0.2 for v in base["log_perplexity"]]}
+    retrieval = {k: [v + 0.2 for v in vals] for k, vals in base.items() if k != "log_perplexity"}
+    qtypes = ["causes", "treatment", "causes", "symptoms"] * 3
+    examples = [QAExample(f"Q{i}?", f"A{i}.", i, meta={"qtype": qtypes[i]} | ({"source": "GHR"} if i < 8 else {}))
+                for i in range(n)]
+    result = assemble(examples, synthetic_system("model", model),
+                      {"base_model": synthetic_system("base_model", base),
+                       "nearest_training_answer": synthetic_system("nearest_training_answer", retrieval)})
+    assert result.verdict("base_model").verdict == "yes"
+    assert set(result.verdict("base_model").metrics) == {"BERTScore F1", "factual consistency", "log perplexity"}
+    assert result.verdict("nearest_training_answer").verdict == "no"
+    assert result.comparison("base_model", "log_perplexity").verdict == "yes"  # lower is better
+    for column in ("qtype", "source"):
+        assert sum(g.n for g in result.breakdowns[column]) == n
+    assert [(g.value, g.n) for g in result.breakdowns["qtype"]] == [("causes", 6), ("symptoms", 3), ("treatment", 3)]
+    assert [(g.value, g.n) for g in result.breakdowns["source"]] == [("GHR", 8), ("(none)", 4)]
+    causes = result.breakdowns["qtype"][0]
+    idx = [i for i in range(n) if qtypes[i] == "causes"]
+    assert causes.means["model"]["bertscore_f1"] == pytest.approx(sum(model["bertscore_f1"][i] for i in idx) / len(idx))
+    assert causes.vs_base_model["factual_consistency"].difference == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------
+# failure measures of answers
+def test_repetition_echo_and_length_measures():
+    from medassist.evaluation.answers import answer_stats, echoes_question, repetition_rate
+
+    loop = "The condition causes wheezing. " * 3 + "The condition causes coughing. " * 3
+    normal = "Asthma is a chronic disease of the airways. Inhalers relieve symptoms and steroids reduce swelling."
+    assert repetition_rate(loop) > 0.5 and repetition_rate(normal) == 0.0 and repetition_rate("") == 0.0
+    question = "What are the treatments for Bronchitis ?"
+    assert echoes_question("What are the treatments for bronchitis? Rest and fluids help most people.", question)
+    assert echoes_question("What are the treatments for Bronchitis?", question)
+    assert not echoes_question("Bronchitis is treated with rest, fluids and sometimes inhalers.", question)
+    assert not echoes_question("", question)
+    stats = answer_stats([loop, normal], [normal, normal + " " + normal], [question, "What is asthma?"], [True, False])
+    assert stats.cut_at_limit == 0.5 and stats.question_echo_rate == 0.0
+    assert stats.repetition_rate == pytest.approx(repetition_rate(loop) / 2)
+    assert stats.length_ratio == pytest.approx((len(loop.split()) / 15 + 0.5) / 2)
+
+
+# ---------------------------------------------------------------------------------------
+# the retrieval baseline
+def test_nearest_training_answer_is_never_the_asked_questions_own_row():
+    from medassist.evaluation import nearest_training_answers
+
+    train = [QAExample("What is asthma?", "own asthma answer", 1),
+             QAExample("What are the symptoms of asthma?", "asthma symptoms", 2),
+             QAExample("What is gout?", "gout answer", 3, group="gout"),
+             QAExample("What causes gout?", "gout causes", 4, group="gout"),
+             QAExample("What is flu?", "flu answer", 5)]
+    asked = [QAExample("what is  ASTHMA ?", "reference", 99),  # the key of row 1 (case, spaces, punctuation)
+             QAExample("What is gout in adults?", "reference", 98, group="gout"),  # the group of rows 3 and 4
+             QAExample("What is flu?", "reference", 97)]
+    found = nearest_training_answers(train, asked, embed=bag_of_words)
+    assert found[0].row != 1 and found[0].answer != "own asthma answer"
+    assert found[1].row not in (3, 4) and found[2].row != 5
+    # the exclusion is what keeps the own row out: a different key finds it at once
+    assert nearest_training_answers(train, [QAExample("What is asthma? Tell me", "r", 0)], embed=bag_of_words)[0].row == 1
+    assert nearest_training_answers(train[:1], asked[:1], embed=bag_of_words) == [None]
+
+
+def test_nearest_training_answer_with_the_minilm_encoder():
+    from medassist.config import DataConfig
+    from medassist.data import prepare_data
+    from medassist.evaluation import nearest_training_answers
+
+    train = prepare_data(DataConfig(), 42).splits["train"]
+    asked = train[:12]  # questions the index holds: each must get another row's answer
+    found = nearest_training_answers(train, asked)
+    assert all(h is not None and h.row != ex.row and question_key(h.question) != question_key(ex.question)
+               for h, ex in zip(found, asked))
+    assert max(h.similarity for h in found) > 0.6  # related questions are found, not noise
+
+
+def test_meta_columns_survive_the_split_files(tmp_path):
+    from medassist.data import clean_rows, read_table, write_splits
+
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer,qtype,source,url,other\nWhat is gout?,A kind of arthritis.,information,"
+                    "NIDDK , https://x.org/gout,y\nWhat is flu?,A viral infection.,,CDC,,\n", encoding="utf-8")
+    examples, _ = clean_rows(read_table(path, ["question", "answer"]), "question", "answer")
+    assert examples[0].meta == {"qtype": "information", "source": "NIDDK", "url": "https://x.org/gout"}
+    assert examples[1].meta == {"source": "CDC"}
+    write_splits({"test": examples}, tmp_path / "splits")
+    assert read_split(tmp_path / "splits" / "test.jsonl") == examples
+    (tmp_path / "old.jsonl").write_text(json.dumps({"question": "Q?", "answer": "A.", "row": 1, "group": None}) + "\n")
+    assert read_split(tmp_path / "old.jsonl")[0].meta == {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,7 +492,8 @@ def test_smollm2_report(tmp_path):
     assert main(["evaluate", "--model", "smollm2-135m", "--limit", "4", "--max-new-tokens", "16",
                  "--output", str(out), "--report", str(tmp_path / "rep")]) == 0
     result = json.loads(out.read_text())
-    assert 0 < result["bertscore_f1"] <= 1 and result["n_examples"] == 4
-    assert math.isfinite(result["perplexity"]) and result["perplexity"] > 1
-    for name in ("report.html", "f1_distribution.png", "examples.csv"):
+    assert 0 < result["model"]["bertscore_f1"] <= 1 and result["n_examples"] == 4
+    assert math.isfinite(result["model"]["perplexity"]) and result["model"]["perplexity"] > 1
+    assert result["verdicts"] and result["comparisons"]
+    for name in ("report.html", "f1_distribution.png", "examples.csv", "differences.png"):
         assert (tmp_path / "rep" / name).is_file()

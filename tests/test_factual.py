@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from medassist.errors import ModelError
-from medassist.factual import FactualScore, FactualScorer, get_factual_scorer
-from medassist.factual_facts import extract_facts
+from medassist.evaluation.factual import FactualScore, FactualScorer, get_factual_scorer
+from medassist.evaluation.factual_facts import extract_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELLED = ROOT / "data" / "eval" / "factual_consistency_labelled.jsonl"

@@ -64,11 +64,27 @@ class DataConfig(_Section):
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     limit: int | None = Field(None, ge=1, description="Use only the first N rows (after cleaning).")
+    holdout_column: str | None = Field(
+        None, description="Split by this column's values instead of by fractions: rows whose value is in "
+        "`test_values` form the test split and `validation_values` the validation split (e.g. `source`: "
+        "whole collections the model never trains on).")
+    test_values: list[str] = Field(default_factory=list, description="Held-out values for the test split.")
+    validation_values: list[str] = Field(default_factory=list, description="Held-out values for validation.")
+    curate: bool = Field(
+        True, description="Strip questions restated at the start of answers, cut boilerplate tables, drop "
+        "link lists (each counted in the manifest; see medassist.curation).")
+    balance_column: str | None = Field(
+        None, description="Subsample the training split so no value of this column (e.g. `source`) dominates.")
+    balance_alpha: float = Field(
+        1.0, ge=0.0, le=1.0, description="With balance_column: each value's share is proportional to "
+        "count ** alpha (1 = as found, 0.5 = square root, 0 = equal).")
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataConfig":
         if self.validation_fraction + self.test_fraction >= 1.0:
             raise ValueError("validation_fraction + test_fraction must be < 1")
+        if self.holdout_column and not self.test_values:
+            raise ValueError("holdout_column needs test_values (the held-out values of the test split)")
         return self
 
 
@@ -131,7 +147,19 @@ class EvalConfig(GenerationSettings):
     test_limit: int | None = Field(
         200, ge=1, description="End-of-training report: score at most this many test rows (seeded subset)."
     )
+    loss_limit: int | None = Field(
+        256, ge=1, description="Validation loss during training: at most this many validation rows, a seeded "
+        "subset that is the same at every evaluation; null = all rows.")
     baselines: bool = Field(True, description="`evaluate`: also score the base model and 'repeat the question'.")
+    factual_model: str = Field(
+        "offline", description="Factual-consistency scorer: `offline` (facts + idf, no model) or an MNLI-style "
+        "classifier (hub id or local folder).")
+    retrieval_baseline: bool = Field(
+        True, description="Also score 'answer with the answer of the nearest training question' (needs the "
+        "training split).")
+    retrieval_encoder: str = Field("minilm-l6", description="Encoder that finds the nearest training question.")
+    bootstrap_resamples: int = Field(
+        2000, ge=100, le=100_000, description="Paired bootstrap resamples for each 95% interval (seeded).")
 
 
 class TrainConfig(_Section):

@@ -27,9 +27,10 @@ import numpy as np
 import pandas as pd
 
 from medassist.config import DataConfig
+from medassist.curation import balance, curate
 from medassist.errors import DataError
 from medassist.splits import (  # noqa: F401  (re-exported: ``from medassist.data import ...``)
-    SPLITS, compact_key, cross_split_near_duplicates, group_ids, group_split, normalize_question,
+    SPLITS, compact_key, cross_split_near_duplicates, group_ids, group_split, holdout_split, normalize_question,
     question_key,
 )
 
@@ -43,12 +44,21 @@ _META = "medassist"  # frame.attrs key: rows read, drops made while reading, fil
 
 @dataclass
 class QAExample:
-    """One cleaned question/answer pair; ``row`` is its 1-based data row in the source file."""
+    """One cleaned question/answer pair; ``row`` is its 1-based data row in the source file.
+
+    ``meta``: the row's descriptive columns among :data:`META_COLUMNS` (qtype, source, focus,
+    url) when the file has them and the cell is text; evaluation breaks its metrics down by
+    them. Empty for files without them (and for split files written before it existed).
+    """
 
     question: str
     answer: str
     row: int
     group: str | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+META_COLUMNS = ("qtype", "source", "focus", "url")  # kept per row in QAExample.meta when present
 
 
 @dataclass
@@ -71,6 +81,7 @@ class DataManifest:
     dropped_at: dict[str, list[str]] = field(default_factory=dict)
     near_duplicates_across_splits: int = 0
     near_duplicate_examples: list[list[str]] = field(default_factory=list)
+    modified: dict[str, int] = field(default_factory=dict)  # rows kept but changed, by curation step
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -332,6 +343,7 @@ def clean_rows(
 
     seen: set[tuple[str, str]] = set()
     kept: list[QAExample] = []
+    meta_columns = [c for c in META_COLUMNS if c in frame.columns and c not in (question_column, answer_column)]
     for i, record in enumerate(frame.to_dict("records")):
         raw_q, raw_a = _as_text(record.get(question_column)), _as_text(record.get(answer_column))
         if raw_q is None or raw_a is None:
@@ -356,7 +368,9 @@ def clean_rows(
         if group_column is not None:
             value = _as_text(record.get(group_column))
             group = (question_key(value) or None) if value else None
-        kept.append(QAExample(question=question, answer=answer, row=rows[i], group=group))
+        meta = {c: " ".join(text.split()) for c in meta_columns if (text := _as_text(record.get(c)))}
+        kept.append(QAExample(question=question, answer=answer, row=rows[i], group=group,
+                              meta={c: v for c, v in meta.items() if v}))
     if dropped_at is not None:
         dropped_at.update(where)
     return kept, dropped
@@ -374,10 +388,23 @@ def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
     if cfg.limit is not None and len(examples) > cfg.limit:
         dropped["over_limit"] = len(examples) - cfg.limit
         examples = examples[: cfg.limit]
+    modified: dict[str, int] = {}
+    if cfg.curate:
+        examples, counts = curate(examples)
+        modified = {k: v for k, v in counts.items() if k.endswith(("_stripped", "_cut"))}
+        dropped.update({k: v for k, v in counts.items() if k not in modified})
     if not examples:
         counts = ", ".join(f"{k} {v}" for k, v in dropped.items() if v)
         raise DataError(f"{cfg.path}: no usable rows (dropped: {counts or 'none'})")
-    splits = group_split(examples, cfg.validation_fraction, cfg.test_fraction, seed)
+    if cfg.holdout_column:
+        _check_holdout(cfg, examples)
+        splits, dropped["same_group_as_held_out"] = holdout_split(
+            examples, cfg.holdout_column, cfg.test_values, cfg.validation_values)
+    else:
+        splits = group_split(examples, cfg.validation_fraction, cfg.test_fraction, seed)
+    if cfg.balance_column:
+        splits["train"], balanced_out = balance(splits["train"], cfg.balance_column, cfg.balance_alpha, seed)
+        dropped["balanced_out"] = sum(balanced_out.values())
     near, near_examples = cross_split_near_duplicates(splits)
     manifest = DataManifest(
         source=str(path.resolve()),
@@ -391,8 +418,21 @@ def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
         dropped_at=where,
         near_duplicates_across_splits=near,
         near_duplicate_examples=near_examples,
+        modified=modified,
     )
     return PreparedData(splits=splits, manifest=manifest)
+
+
+def _check_holdout(cfg: DataConfig, examples: list[QAExample]) -> None:
+    """Held-out values must exist in the data: a typo would silently hold out nothing."""
+    found = {ex.meta.get(cfg.holdout_column) for ex in examples}
+    if found == {None}:
+        raise DataError(f"{cfg.path}: data.holdout_column '{cfg.holdout_column}' is not a column of this file "
+                        f"(kept per row: {', '.join(META_COLUMNS)})")
+    missing = [v for v in [*cfg.test_values, *cfg.validation_values] if v not in found]
+    if missing:
+        raise DataError(f"{cfg.path}: data.holdout_column '{cfg.holdout_column}' has no value '{missing[0]}' "
+                        f"(values: {', '.join(sorted(v for v in found if v))})")
 
 
 def write_splits(splits: dict[str, list[QAExample]], folder: Path) -> None:

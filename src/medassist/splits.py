@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 import unicodedata
-from typing import TYPE_CHECKING
+from typing import Sequence, TYPE_CHECKING
 
 if TYPE_CHECKING:
     from medassist.data import QAExample
@@ -104,6 +104,37 @@ def group_split(
     for gid in order[cursor:]:
         assigned["train"].extend(members[gid])
     return {s: [examples[i] for i in sorted(assigned[s])] for s in SPLITS}
+
+
+def holdout_split(
+    examples: list[QAExample],
+    column: str,
+    test_values: Sequence[str],
+    validation_values: Sequence[str] = (),
+) -> tuple[dict[str, list[QAExample]], int]:
+    """Split by a column's values: rows whose ``column`` (e.g. ``source``) is in ``test_values``
+    form the test split, ``validation_values`` the validation split, the rest train.
+
+    This is the honest test of a tool meant for questions from sources it never saw. Any
+    training row in the same group as a held-out row (same normalised question, or same
+    ``group_column`` value) is removed from train, so nothing held out was trained on;
+    returns the splits and how many training rows were removed that way.
+    """
+    held = {str(v) for v in test_values} | {str(v) for v in validation_values}
+    where = {str(v): "test" for v in test_values} | {str(v): "validation" for v in validation_values}
+    ids = group_ids(examples)
+    held_groups = {ids[i] for i, ex in enumerate(examples) if str(ex.meta.get(column, "")) in held}
+    splits: dict[str, list[QAExample]] = {s: [] for s in SPLITS}
+    removed = 0
+    for i, ex in enumerate(examples):
+        value = str(ex.meta.get(column, ""))
+        if value in held:
+            splits[where[value]].append(ex)
+        elif ids[i] in held_groups:
+            removed += 1
+        else:
+            splits["train"].append(ex)
+    return splits, removed
 
 
 def cross_split_near_duplicates(

@@ -1,114 +1,88 @@
-"""Evaluation: generate answers from questions alone, then score them against the references.
+"""Evaluation: generate answers from questions alone, score them, and compare with baselines.
 
-Every number stands beside baselines scored on the same examples: the untuned base model, and
-a trivial answer that repeats the question. Generation goes through the one engine
-(:mod:`medassist.engine`) that ``generate``, ``chat`` and ``serve`` use, so what is scored is
-what users get. The metrics are in :mod:`medassist.evaluation.metrics`.
+Every number stands beside baselines scored on the same examples (:mod:`.baselines`): the
+untuned base model, the answer of the nearest training question, and the question repeated.
+The model is compared with each by paired bootstrap intervals (:mod:`.compare`), and the result
+says per baseline whether the model is better: yes, no, or can't tell. Generation goes through
+the one engine (:mod:`medassist.engine`) that ``generate``, ``chat`` and ``serve`` use, so what
+is scored is what users get. The metrics are in :mod:`.metrics`, the text measures (loops,
+question echoes, length) in :mod:`.answers`, the result types in :mod:`.results`.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from statistics import fmean
+from typing import Any, Callable, Sequence
 
 import torch
 
 from medassist.config import EvalConfig, GenerationSettings
 from medassist.data import QAExample
-from medassist.engine import Engine, model_device
-from medassist.evaluation.metrics import BertScorer, perplexity_and_accuracy, rouge_l, scorer_for
+from medassist.engine import Engine
+from medassist.evaluation.answers import answer_stats
+from medassist.evaluation.baselines import Embed, encoder_embed, nearest_training_answers
+from medassist.evaluation.compare import breakdowns, compare, verdict_for
+from medassist.evaluation.metrics import (
+    BertScorer, factual_consistency, factual_scorer_for, perplexity_and_accuracy, rouge_l, scorer_for,
+)
+from medassist.evaluation.results import (
+    BASELINE_LABELS, BaselineAnswer, DataInfo, EvalResult, ExampleRow, SystemResult,
+)
 
-METRIC_KEYS = ("bertscore_precision", "bertscore_recall", "bertscore_f1", "perplexity", "token_accuracy", "rouge_l")
+# the means a training evaluation logs (eval_<key>)
+METRIC_KEYS = ("bertscore_precision", "bertscore_recall", "bertscore_f1", "perplexity", "token_accuracy", "rouge_l",
+               "factual_consistency")
+TEXT_METRICS = ("bertscore_precision", "bertscore_recall", "bertscore_f1", "rouge_l", "factual_consistency")
 # given a phase description and its number of items, returns an update(n) callable (tqdm's update)
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else None
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return fmean(present) if present else None
 
 
-def score_texts(candidates: Sequence[str], references: Sequence[str], scorer: BertScorer) -> dict[str, Any]:
-    """BERTScore P/R/F1 and ROUGE-L, means and per-example lists."""
-    p, r, f = scorer.score(candidates, references)
-    rl = rouge_l(candidates, references)
-    return {
-        "bertscore_precision": _mean(p), "bertscore_recall": _mean(r), "bertscore_f1": _mean(f),
-        "rouge_l": _mean(rl), "per_example": {"bertscore_precision": p, "bertscore_recall": r,
-                                               "bertscore_f1": f, "rouge_l": rl},
-    }
+def score_texts(name: str, texts: Sequence[str], examples: Sequence[QAExample], scorer: BertScorer,
+                factual=None) -> SystemResult:
+    """A system that answered ``texts``: BERTScore P/R/F1, ROUGE-L, factual consistency, text measures."""
+    questions = [ex.question for ex in examples]
+    references = [ex.answer for ex in examples]
+    p, r, f = scorer.score(texts, references)
+    per = {"bertscore_precision": p, "bertscore_recall": r, "bertscore_f1": f, "rouge_l": rouge_l(texts, references)}
+    if factual is not None:
+        per["factual_consistency"] = factual_consistency(factual, texts, references, questions)
+    return SystemResult(
+        name=name, label=BASELINE_LABELS.get(name, name), n_examples=len(examples),
+        **{k: _mean(v) for k, v in per.items()}, per_example=per, generated=list(texts),
+        answers=answer_stats(texts, references, questions),
+    )
 
 
 def score_model(engine: Engine, examples: Sequence[QAExample], settings: GenerationSettings,
-                scorer: BertScorer, ppl_batch_size: int = 8,
-                progress: ProgressFactory | None = None, label: str = "model") -> dict[str, Any]:
+                scorer: BertScorer, ppl_batch_size: int = 8, progress: ProgressFactory | None = None,
+                label: str = "model", factual=None, name: str = "model") -> SystemResult:
     """Generate from the questions, score against the references, add perplexity/accuracy."""
-    questions = [ex.question for ex in examples]
-    references = [ex.answer for ex in examples]
+    examples = list(examples)
     started = time.perf_counter()
     update = progress(f"generating ({label})", len(examples)) if progress else None
-    answers = engine.answer(questions, settings, progress=update)
+    answers = engine.answer([ex.question for ex in examples], settings, progress=update)
     generation_s = time.perf_counter() - started
     started = time.perf_counter()
-    texts = [a.text for a in answers]
-    result = score_texts(texts, references, scorer)
-    result.update(perplexity_and_accuracy(engine.model, engine.fmt, engine.family, examples, ppl_batch_size))
-    result.update({
-        "n_examples": len(examples),
-        "mean_generated_tokens": _mean([a.completion_tokens for a in answers]),
-        "hit_max_new_tokens": _mean([float(a.hit_max_new_tokens) for a in answers]),
-        "generated": texts,
-        "generated_tokens": [a.completion_tokens for a in answers],
-        "hit_max_per_example": [a.hit_max_new_tokens for a in answers],
-        "timing": {"generation_seconds": generation_s, "scoring_seconds": time.perf_counter() - started},
-    })
+    result = score_texts(name, [a.text for a in answers], examples, scorer, factual)
+    ppl = perplexity_and_accuracy(engine.model, engine.fmt, engine.family, examples, ppl_batch_size)
+    hit = [a.hit_max_new_tokens for a in answers]
+    result.per_example["log_perplexity"] = ppl["log_perplexity"]
+    result.answers = answer_stats(result.generated, [ex.answer for ex in examples],
+                                  [ex.question for ex in examples], hit)
+    for key in ("perplexity", "token_accuracy", "answer_tokens", "references_cut", "skipped_no_answer_tokens"):
+        setattr(result, key, ppl[key])
+    result.mean_generated_tokens = _mean([a.completion_tokens for a in answers])
+    result.hit_max_new_tokens = _mean([float(h) for h in hit])
+    result.generated_tokens = [a.completion_tokens for a in answers]
+    result.hit_max_per_example = hit
+    result.timing = {"generation_seconds": generation_s, "scoring_seconds": time.perf_counter() - started}
     return result
-
-
-def repeat_question_baseline(examples: Sequence[QAExample], scorer: BertScorer) -> dict[str, Any]:
-    """The trivial answer: the question itself. No model, so no perplexity or token accuracy."""
-    result = score_texts([ex.question for ex in examples], [ex.answer for ex in examples], scorer)
-    result.update({"perplexity": None, "token_accuracy": None, "n_examples": len(examples)})
-    return result
-
-
-def _summary(result: dict[str, Any]) -> dict[str, Any]:
-    keys = METRIC_KEYS + ("n_examples", "mean_generated_tokens", "hit_max_new_tokens")
-    return {k: result[k] for k in keys if k in result}
-
-
-def base_model_context(model, base_name: str | None) -> Callable[[], Any] | None:
-    """A context manager factory yielding the untuned base model, or None when there is none.
-
-    A PEFT model is its own base with the adapter switched off (no second load); otherwise
-    ``base_name`` (a preset, hub id or folder) is loaded once for the baseline and dropped.
-    """
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        PeftModel = ()
-    if isinstance(model, PeftModel):
-        @contextmanager
-        def disabled() -> Iterator[Any]:
-            with model.disable_adapter():
-                yield model
-
-        return disabled
-    if not base_name:
-        return None
-
-    @contextmanager
-    def loaded() -> Iterator[Any]:
-        from medassist.models import load_pretrained
-
-        base, _, _ = load_pretrained(base_name)
-        base.to(model_device(model)).eval()
-        try:
-            yield base
-        finally:
-            del base
-
-    return loaded
 
 
 def evaluate_examples(
@@ -122,75 +96,115 @@ def evaluate_examples(
     scorer: BertScorer | None = None,
     progress: ProgressFactory | None = None,
     source: str = "",
-) -> dict[str, Any]:
-    """Score ``model`` on ``examples`` beside the baselines; the full report dict.
+    train_examples: Sequence[QAExample] | None = None,
+    embed: Embed | None = None,
+    data: DataInfo | None = None,
+) -> EvalResult:
+    """Score the model on ``examples`` beside the baselines; compare it with each.
 
-    Keys: the metrics of ``METRIC_KEYS``, ``n_examples``, ``mean_generated_tokens``,
-    ``hit_max_new_tokens`` (share of answers cut at ``max_new_tokens``), ``baselines``
-    (``repeat_question`` always, ``base_model`` when ``base_model`` is given and
-    ``ecfg.baselines``), ``settings`` and ``examples`` (question, reference, generated,
-    bertscore_f1 and more, per example, in input order).
+    ``base_model``: a context-manager factory yielding the untuned model
+    (:func:`~medassist.evaluation.baselines.base_model_context`). ``train_examples``: what the
+    nearest-training-answer baseline searches (none: that baseline is skipped, with a note).
+    ``embed``: the question encoder of that baseline (default: ``eval.retrieval_encoder``).
     """
     ecfg = ecfg or EvalConfig()
     scorer = scorer or scorer_for(ecfg)
+    factual = factual_scorer_for(ecfg)
     settings = ecfg.generation(seed=seed)
     examples = list(examples)
-    main = score_model(engine, examples, settings, scorer, ecfg.batch_size, progress, "model")
-    repeat_result = repeat_question_baseline(examples, scorer)
-    baselines: dict[str, Any] = {"repeat_question": _summary(repeat_result)}
-    repeat = repeat_result["per_example"]["bertscore_f1"]
-    base = None
+    main = score_model(engine, examples, settings, scorer, ecfg.batch_size, progress, "model", factual)
+    baselines: dict[str, SystemResult] = {}
+    notes: dict[str, str] = {}
     if ecfg.baselines and base_model is not None:
         with base_model() as base_lm:
-            base_engine = Engine(base_lm, engine.fmt, engine.family)
-            base = score_model(base_engine, examples, settings, scorer, ecfg.batch_size, progress, "base model")
-        baselines["base_model"] = _summary(base)
+            baselines["base_model"] = score_model(Engine(base_lm, engine.fmt, engine.family), examples, settings,
+                                                  scorer, ecfg.batch_size, progress, "base model", factual,
+                                                  name="base_model")
     elif ecfg.baselines:
-        baselines["base_model"] = None
-        baselines["base_model_note"] = base_model_note or "no separate base model: the evaluated model is the base"
-    per = main["per_example"]
+        notes["base_model"] = base_model_note or "no separate base model: the evaluated model is the base"
+    else:
+        notes["base_model"] = "eval.baselines is false"
+    if ecfg.retrieval_baseline and train_examples:
+        update = progress("nearest training question", len(examples)) if progress else None
+        found = nearest_training_answers(list(train_examples), examples, embed or encoder_embed(ecfg.retrieval_encoder))
+        if update:
+            update(len(examples))
+        retrieval = score_texts("nearest_training_answer", [h.answer if h else "" for h in found], examples,
+                                scorer, factual)
+        retrieval.answer_source_rows = [h.row if h else None for h in found]
+        baselines["nearest_training_answer"] = retrieval
+    else:
+        notes["nearest_training_answer"] = ("eval.retrieval_baseline is false" if not ecfg.retrieval_baseline
+                                            else "no training split to search (evaluate a run directory for it)")
+    baselines["repeat_question"] = score_texts("repeat_question", [ex.question for ex in examples], examples,
+                                               scorer, factual)
+
+    data = data or DataInfo(n_examples=len(examples))
+    if train_examples is not None:
+        data.train_examples = len(train_examples)
+    settings_used = _settings(engine, ecfg, settings, scorer, factual, source, {"model": main, **baselines}, seed)
+    return assemble(examples, main, baselines, notes, resamples=ecfg.bootstrap_resamples, seed=seed, data=data,
+                    settings=settings_used)
+
+
+def assemble(examples: Sequence[QAExample], main: SystemResult, baselines: dict[str, SystemResult],
+             notes: dict[str, str] | None = None, *, resamples: int = 2000, seed: int = 42,
+             data: DataInfo | None = None, settings: dict[str, Any] | None = None) -> EvalResult:
+    """The result from scored systems: paired comparisons with every baseline, one verdict per
+    baseline, breakdowns by the examples' metadata, and the per-example rows."""
+    comparisons = [c for b in baselines.values() for c in compare(main, b, resamples=resamples, seed=seed)]
+    sources = (baselines["nearest_training_answer"].answer_source_rows if "nearest_training_answer" in baselines
+               else [])
+    return EvalResult(
+        n_examples=len(examples), model=main, baselines=baselines, baseline_notes=notes or {},
+        verdicts=[verdict_for(name, comparisons) for name in baselines],
+        comparisons=comparisons,
+        breakdowns=breakdowns([ex.meta for ex in examples], {"model": main, **baselines}, resamples=resamples,
+                              seed=seed),
+        data=data or DataInfo(n_examples=len(examples)), settings=settings or {},
+        examples=_rows(examples, main, baselines, sources),
+    )
+
+
+def _rows(examples, main: SystemResult, baselines: dict[str, SystemResult], sources) -> list[ExampleRow]:
+    def scores(system: SystemResult, i: int) -> dict[str, float | None]:
+        return {k: v[i] for k, v in system.per_example.items()}
+
+    def at(values: list, i: int):
+        return values[i] if values else None
+
     rows = []
     for i, ex in enumerate(examples):
-        row = {
-            "question": ex.question, "reference": ex.answer, "generated": main["generated"][i],
-            "bertscore_f1": per["bertscore_f1"][i], "bertscore_precision": per["bertscore_precision"][i],
-            "bertscore_recall": per["bertscore_recall"][i], "rouge_l": per["rouge_l"][i],
-            "generated_tokens": main["generated_tokens"][i], "hit_max_new_tokens": main["hit_max_per_example"][i],
-            "repeat_question_bertscore_f1": repeat[i], "row": ex.row,
-        }
-        if base is not None:
-            row["base_model_generated"] = base["generated"][i]
-            row["base_model_bertscore_f1"] = base["per_example"]["bertscore_f1"][i]
-        rows.append(row)
-    result = _summary(main)
-    result.update({
-        "answer_tokens": main["answer_tokens"],
-        "skipped_no_answer_tokens": main["skipped_no_answer_tokens"],
-        "references_cut": main["references_cut"],
-        "baselines": baselines,
-        "settings": _settings(engine, ecfg, settings, scorer, source, main, base),
-        "examples": rows,
-    })
-    return result
+        others = {name: BaselineAnswer(text=b.generated[i], scores=scores(b, i),
+                                       source_row=sources[i] if sources and name == "nearest_training_answer"
+                                       else None)
+                  for name, b in baselines.items()}
+        rows.append(ExampleRow(
+            index=i, row=ex.row, question=ex.question, reference=ex.answer, meta=dict(ex.meta),
+            generated=main.generated[i], generated_tokens=at(main.generated_tokens, i),
+            hit_max_new_tokens=at(main.hit_max_per_example, i), scores=scores(main, i), baselines=others,
+        ))
+    return rows
 
 
-def _settings(engine: Engine, ecfg, settings, scorer, source, main, base) -> dict[str, Any]:
+def _settings(engine: Engine, ecfg, settings, scorer, factual, source, systems, seed) -> dict[str, Any]:
     import transformers
 
     import medassist
 
-    timing = dict(main["timing"])
-    if base is not None:
-        timing["base_model_generation_seconds"] = base["timing"]["generation_seconds"]
+    timing = {f"{name}_{k}": v for name, s in systems.items() for k, v in s.timing.items()}
     return {
         "model": source,
         "family": engine.family.name,
         "prompt_format": "chat template" if engine.fmt.uses_chat_template else "plain",
         "generation": settings.model_dump(mode="json"),
         "bertscore": scorer.settings(),
+        "factual_consistency": getattr(factual, "name", str(factual)),
         "rouge": "ROUGE-L F-measure (rouge-score, Porter stemmer), mean over examples",
         "perplexity": "exp(total NLL / answer tokens) on the references, teacher forced; answer tokens "
-                      "and EOS count, prompt and padding do not",
+                      "and EOS count, prompt and padding do not; log perplexity is per example",
+        "statistics": f"paired bootstrap (scipy.stats.bootstrap, BCa), {ecfg.bootstrap_resamples} resamples, "
+                      f"seed {seed}, 95% intervals of the mean per-question difference",
         "device": str(engine.device),
         "timing": timing,
         "versions": {"medassist": medassist.__version__, "transformers": transformers.__version__,
@@ -200,14 +214,14 @@ def _settings(engine: Engine, ecfg, settings, scorer, source, main, base) -> dic
 
 
 # ---------------------------------------------------------------------------------------
+def format_line(result: EvalResult) -> str:
+    """One line: the verdicts, then the model's BERTScore F1, factual consistency and perplexity."""
+    m = result.model
+    verdicts = "; ".join(f"better than {v.label}: {v.verdict}" for v in result.verdicts)
 
-def format_line(result: dict[str, Any]) -> str:
-    """One line: the model's BERTScore F1 beside the baselines, perplexity and token accuracy."""
-    baselines = result.get("baselines") or {}
-    extra = [f"{label} {baselines[name]['bertscore_f1']:.4f}"
-             for name, label in (("base_model", "base model"), ("repeat_question", "repeat question"))
-             if baselines.get(name)]
-    line = f"BERTScore F1 {result['bertscore_f1']:.4f}" + (f" ({', '.join(extra)})" if extra else "")
-    return (f"{line}, perplexity {result['perplexity']:.2f}, token accuracy {result['token_accuracy']:.3f}, "
-            f"ROUGE-L {result['rouge_l']:.4f}")
+    def num(value, fmt):
+        return "-" if value is None else format(value, fmt)
 
+    return (f"{verdicts}. BERTScore F1 {num(m.bertscore_f1, '.4f')}, factual consistency "
+            f"{num(m.factual_consistency, '.4f')}, perplexity {num(m.perplexity, '.2f')}, "
+            f"ROUGE-L {num(m.rouge_l, '.4f')}")

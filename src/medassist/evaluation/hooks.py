@@ -3,19 +3,19 @@ test report written when training ends."""
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from medassist.config import TrainConfig
-from medassist.data import QAExample
+from medassist.data import QAExample, read_split
 from medassist.distributed import is_main_process
 from medassist.engine import Engine
-from medassist.evaluation.evaluate import METRIC_KEYS, base_model_context, evaluate_examples, format_line, score_model
-from medassist.evaluation.metrics import scorer_for
+from medassist.evaluation.baselines import base_model_context
+from medassist.evaluation.evaluate import METRIC_KEYS, evaluate_examples, format_line, score_model
+from medassist.evaluation.metrics import factual_scorer_for, scorer_for
+from medassist.evaluation.results import DataInfo
 from medassist.families import ModelFamily
 from medassist.formatting import PromptFormat
 from medassist.rundir import RunDir
@@ -60,35 +60,42 @@ def make_training_evaluator(fmt: PromptFormat, family: ModelFamily, validation_e
     def evaluate(model) -> dict[str, float]:
         scorer = scorer_for(cfg.eval)  # built on the first call, reused afterwards
         with _EvalMode(model):
-            result = score_model(Engine(model, fmt, family), subset, settings, scorer, cfg.eval.batch_size)
+            result = score_model(Engine(model, fmt, family), subset, settings, scorer, cfg.eval.batch_size,
+                                 factual=factual_scorer_for(cfg.eval))
         keys = METRIC_KEYS + ("mean_generated_tokens", "hit_max_new_tokens")
-        return {k: float(result[k]) for k in keys if result.get(k) is not None}
+        return {k: float(v) for k in keys if (v := result.metric(k)) is not None}
 
     return evaluate
 
 
 def evaluate_run_after_training(run: RunDir, model, fmt: PromptFormat, family: ModelFamily,
                                 test_examples: list[QAExample], cfg: TrainConfig, base_model_name: str | None,
-                                log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+                                log: Callable[[str], None] = lambda _m: None,
+                                train_examples: Sequence[QAExample] | None = None) -> dict[str, Any]:
     """Score the final (best) model on the test split; write eval_test.json and report/.
 
     ``base_model_name``: what to load as the untuned baseline for a full fine-tune (a LoRA
-    model is its own baseline with the adapter switched off).
+    model is its own baseline with the adapter switched off). ``train_examples``: what the
+    nearest-training-answer baseline searches; by default the run's ``splits/train.jsonl``.
+    Returns the JSON form of the :class:`~medassist.evaluation.results.EvalResult` (what
+    eval_test.json holds; ``EvalResult.from_json`` makes it typed again).
     """
-    from medassist.reporting import write_report
+    from medassist.evaluation.report import write_report
 
     if not is_main_process():
         return {}
+    if train_examples is None and run.split_file("train").is_file():
+        train_examples = read_split(run.split_file("train"))
     log(f"evaluating the final model on {len(test_examples)} test examples "
         f"(max_new_tokens {cfg.eval.max_new_tokens}{', with baselines' if cfg.eval.baselines else ''})")
     base = base_model_context(model, base_model_name)
+    data = DataInfo(source=cfg.data.path, split="test", n_examples=len(test_examples))
     with _EvalMode(model):
         result = evaluate_examples(Engine(model, fmt, family), test_examples, cfg.eval, seed=cfg.seed,
-                                   base_model=base, source=str(run.path))
-    result["settings"]["data"] = {"source": cfg.data.path, "split": "test", "n_examples": len(test_examples)}
+                                   base_model=base, source=str(run.path), train_examples=train_examples, data=data)
     html = write_report(result, run.report_dir("test"), metrics_path=run.metrics_file,
                         title=f"medassist evaluation: {run.name} (test split)")
-    result["report_html"] = str(html)
-    run.eval_file("test").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    result.report_html = str(html)
+    result.write_json(run.eval_file("test"))
     log(f"test: {format_line(result)}; report {html}")
-    return result
+    return result.to_json()

@@ -1,4 +1,4 @@
-"""Metrics of generated answers: BERTScore, ROUGE-L, and perplexity / token accuracy.
+"""Metrics of generated answers: BERTScore, ROUGE-L, factual consistency, perplexity / token accuracy.
 
 - **BERTScore** (Zhang et al. 2020) through the ``bert_score`` library: each candidate token
   is matched to its most similar reference token (cosine of contextual embeddings from one
@@ -11,6 +11,8 @@
   never do), pooled over all answer tokens of all examples. A reference too long for the
   limits is cut *without* an EOS (no made-up end is scored) and counted.
 - **Token accuracy**: the share of those answer tokens that are the model's argmax prediction.
+- **Factual consistency**: :mod:`medassist.evaluation.factual` (offline, no model) or an NLI
+  classifier (``eval.factual_model``), per example.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from medassist.data import QAExample
 from medassist.engine import model_device
 from medassist.errors import ConfigError, ModelError
 from medassist.families import ModelFamily
-from medassist.formatting import PromptFormat
+from medassist.formatting import IGNORE_INDEX, PromptFormat
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,22 +190,33 @@ def perplexity_and_accuracy(model, fmt: PromptFormat, family: ModelFamily, examp
     fit). Prompt and padding positions never count; logits come from the family's answer-only
     head (:meth:`ModelFamily.answer_logits`). Examples with no answer token within the length
     limits are skipped and counted; references cut to fit are counted (``references_cut``).
+    ``log_perplexity`` is per example (mean NLL per answer token, None where skipped), in the
+    order of ``examples``: what paired comparisons of two models use.
     """
     fmt = copy.copy(fmt)
     fmt.answer_truncation = "no_eos"  # a cut reference has no end to predict
     encoded = [fmt.encode(ex.question, ex.answer) for ex in examples]
-    features = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded if e is not None]
+    kept = [i for i, e in enumerate(encoded) if e is not None]
+    features = [{"input_ids": encoded[i].input_ids, "labels": encoded[i].labels} for i in kept]
+    per_example: list[float | None] = [None] * len(examples)
     total_nll, correct, count = 0.0, 0, 0
     device = model_device(model)
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            batch = fmt.collate([features[i] for i in order[start : start + batch_size]])
+            chunk = order[start : start + batch_size]
+            batch = fmt.collate([features[i] for i in chunk])
             batch = {k: v.to(device) for k, v in batch.items()}
             logits, targets = family.answer_logits(model, batch, prune_head)
-            total_nll += float(F.cross_entropy(logits, targets, reduction="sum"))
+            nll = F.cross_entropy(logits, targets, reduction="none")
+            total_nll += float(nll.sum())
             correct += int((logits.argmax(-1) == targets).sum())
             count += int(targets.numel())
+            # the head keeps supervised positions in row order, so each row's count splits them
+            per_row = (batch["labels"] != IGNORE_INDEX).sum(1).tolist()
+            if sum(per_row) == nll.numel():
+                for i, part in zip(chunk, torch.split(nll, per_row)):
+                    per_example[kept[i]] = float(part.mean()) if part.numel() else None
     return {
         "perplexity": math.exp(total_nll / count) if count else None,
         "token_accuracy": correct / count if count else None,
@@ -211,4 +224,26 @@ def perplexity_and_accuracy(model, fmt: PromptFormat, family: ModelFamily, examp
         "nll_sum": total_nll,
         "skipped_no_answer_tokens": len(examples) - len(features),
         "references_cut": sum(1 for e in encoded if e is not None and e.truncated),
+        "log_perplexity": per_example,
     }
+
+
+# ---------------------------------------------------------------------------------------
+# factual consistency (the offline scorer, or an NLI model)
+_FACTUAL: dict[str, Any] = {}
+
+
+def factual_scorer_for(ecfg: EvalConfig):
+    """The process-wide factual-consistency scorer of ``eval.factual_model`` (built once)."""
+    from medassist.evaluation.factual import get_factual_scorer
+
+    name = ecfg.factual_model or "offline"
+    if name not in _FACTUAL:
+        _FACTUAL[name] = get_factual_scorer(name)
+    return _FACTUAL[name]
+
+
+def factual_consistency(scorer, answers: Sequence[str], references: Sequence[str],
+                        questions: Sequence[str]) -> list[float]:
+    """Per-example ``factual_consistency`` (0..1) of each answer against its reference."""
+    return [float(s.factual_consistency) for s in scorer.score(list(answers), list(references), list(questions))]

@@ -1,6 +1,6 @@
 """What counts as a checkable fact, and when a reference supports or contradicts one.
 
-Used by :mod:`medassist.factual`; see its docstring for why facts, not embeddings. The lexicons
+Used by :mod:`medassist.evaluation.factual`; see its docstring for why facts, not embeddings. The lexicons
 are deliberately small and general (organs, sex/age groups, USAN drug stems, disease suffixes):
 they were written before the labelled validation set was scored, and a word outside them still
 counts through the idf-weighted content words.

@@ -28,7 +28,7 @@ An answer with no checkable fact falls back to its content words, discounted by
 ``no_fact_factor`` (0.6): a generic answer ("this condition is caused by a genetic change")
 states nothing one can check, so it must not look as safe as a grounded one. An empty answer
 scores 0. Lexical matching cannot see paraphrased *relations* ("the mutation comes from the
-father" with every word in the reference); plug an NLI model (:mod:`medassist.factual_nli`)
+father" with every word in the reference); plug an NLI model (:mod:`medassist.evaluation.factual_nli`)
 for that.
 """
 
@@ -43,9 +43,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from medassist.factual_facts import WEIGHTS, Fact, content_words, extract_facts, fact_status
+from medassist.evaluation.factual_facts import WEIGHTS, Fact, content_words, extract_facts, fact_status
 
-IDF_PATH = Path(__file__).parent / "resources" / "idf.json.gz"
+IDF_PATH = Path(__file__).parent.parent / "resources" / "idf.json.gz"
 
 
 @dataclass
@@ -178,5 +178,5 @@ def get_factual_scorer(name: str = "offline", **kwargs):
     """``offline`` (default, no model) or an MNLI-style classifier: hub id or local folder."""
     if name in ("", "offline", "lexical", "default", None):
         return FactualScorer(**kwargs)
-    from medassist.factual_nli import NLIScorer
+    from medassist.evaluation.factual_nli import NLIScorer
     return NLIScorer(name, **kwargs)

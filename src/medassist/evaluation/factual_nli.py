@@ -1,6 +1,6 @@
 """Factual consistency with an NLI (MNLI-style) classifier, for users who have one.
 
-The offline scorer (:mod:`medassist.factual`) matches facts lexically, so it cannot see a
+The offline scorer (:mod:`medassist.evaluation.factual`) matches facts lexically, so it cannot see a
 relation that is reworded or reversed with the same words ("F9 causes hemophilia A"). A
 cross-encoder trained on natural-language inference reads the pair and judges entailment.
 No such model ships in a PyPI package, so this path needs a hub id (with network or a filled
@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Sequence
 
 from medassist.errors import ModelError
-from medassist.factual import FactualScore
-from medassist.factual_facts import split_sentences
+from medassist.evaluation.factual import FactualScore
+from medassist.evaluation.factual_facts import split_sentences
 
 
 def _looks_like_path(name: str) -> bool:
