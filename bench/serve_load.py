@@ -49,7 +49,7 @@ def free_port() -> int:
 
 def start_server(args, port: int) -> subprocess.Popen:
     cmd = [
-        sys.executable, "-m", "medassist.serving_cli", "serve", "--model", args.model,
+        sys.executable, "-m", "medassist", "serve", "--model", args.model,
         "--host", "127.0.0.1", "--port", str(port), "--max-concurrency", str(args.max_concurrency),
         "--max-queue", str(args.max_queue), "--max-tokens-limit", str(max(args.max_tokens, 16)),
         "--log-level", "warning",

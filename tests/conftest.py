@@ -54,3 +54,35 @@ def bert_tokenizer():
 @pytest.fixture(scope="session")
 def sample_csv() -> Path:
     return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """``with live_server(app) as url:`` runs an ASGI app on uvicorn on a free loopback port
+    (in a thread) and stops it afterwards: real sockets, for real clients and disconnects."""
+    import contextlib
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    @contextlib.contextmanager
+    def serve(app):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            server.should_exit = True
+            thread.join(10)
+            sock.close()
+
+    return serve

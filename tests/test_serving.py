@@ -1,14 +1,15 @@
-"""Serving: the Assistant engine, the OpenAI-compatible API (against real clients on loopback),
-auth, limits, overload, disconnects, schema fuzzing, and the generate/chat commands.
+"""Serving: the Assistant on the engine, the OpenAI-compatible API (against real clients on
+loopback), parity with evaluation, auth, limits, overload, disconnects, schema fuzzing, and
+the generate/chat/serve commands.
 
 Models are the random ``tiny-qwen3`` (decoder-only) and ``tiny-t5`` (encoder-decoder): their
-answers are gibberish, but every code path is the real one.
+answers are gibberish, but every code path is the real one. Hostile input has its own suite
+(test_hostile_http.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
@@ -27,22 +28,17 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from medassist import DISCLAIMER
+from medassist.cli import serve as serve_cli
+from medassist.config import EvalConfig, ServeConfig, TrainConfig
+from medassist.data import QAExample
+from medassist.engine import StopText, cut_at_stop
 from medassist.errors import MedassistError
 from medassist.models import LoadedModel, load_for_inference
-from medassist.serving import (
-    DEFAULT_SYSTEM_PROMPT,
-    DISCLAIMER,
-    Assistant,
-    GenerationParams,
-    RequestError,
-    ServeSettings,
-    StopText,
-    create_app,
-)
-from medassist import serving_cli
+from medassist.serving import DEFAULT_SYSTEM_PROMPT, Assistant, RequestError, create_app, sampling
 
-SAMPLE = GenerationParams(max_new_tokens=8, temperature=1.0)
-GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0)
+SAMPLE = sampling(max_new_tokens=8, temperature=1.0)
+GREEDY = sampling(max_new_tokens=24, temperature=0.0)
 QUESTION = "What are the symptoms of asthma?"
 
 
@@ -59,7 +55,9 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def qwen() -> LoadedModel:
-    return load_for_inference("tiny-qwen3")
+    loaded = load_for_inference("tiny-qwen3")
+    diversify(loaded.model)  # varied greedy answers (an untouched random model repeats one token)
+    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +65,20 @@ def assistant(qwen) -> Assistant:
     return Assistant(qwen, max_prompt_tokens=256)
 
 
-def small_settings(**overrides) -> ServeSettings:
+def small_settings(**overrides) -> ServeConfig:
     base = dict(model_name="tiny-qwen3", temperature=1.0, default_max_tokens=8, max_tokens_limit=16,
                 max_prompt_tokens=256, max_body_bytes=200_000)
-    return ServeSettings(**{**base, **overrides})
+    return ServeConfig(**{**base, **overrides})
+
+
+def local_client(app) -> TestClient:
+    """An in-process client; a keyless loopback server answers only loopback Host names."""
+    return TestClient(app, base_url="http://localhost")
 
 
 @pytest.fixture(scope="module")
 def client(qwen) -> TestClient:
-    with TestClient(create_app(qwen, small_settings())) as c:
+    with local_client(create_app(qwen, small_settings())) as c:
         yield c
 
 
@@ -98,6 +101,9 @@ class SlowModel:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
+    def parameters(self):
+        return self._model.parameters()
+
     def generate(self, **kwargs):
         kwargs["stopping_criteria"].append(_Sleep(self))
         return self._model.generate(**kwargs)
@@ -105,29 +111,6 @@ class SlowModel:
 
 def slow(qwen: LoadedModel, delay: float = 0.05) -> LoadedModel:
     return LoadedModel(SlowModel(qwen.model, delay), qwen.tokenizer, qwen.family, None, "slow-tiny-qwen3")
-
-
-@contextlib.contextmanager
-def live_server(app):
-    """Run ``app`` on uvicorn on a free loopback port in a thread; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def chat_body(content: str = QUESTION, **extra) -> dict:
@@ -140,27 +123,49 @@ def sse_events(text: str) -> list:
     return [json.loads(e) for e in events[:-1]]
 
 
+def streamed_text(text: str) -> str:
+    return "".join(e["choices"][0]["delta"].get("content", "") for e in sse_events(text) if e["choices"])
+
+
+def diversify(model, std: float = 0.5):
+    """Re-draw the weights (seeded) with a wide spread: a random tiny model otherwise repeats
+    one token for every prompt, which would make 'the same answer' vacuous."""
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(0)
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, std)
+    return model.eval()
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
 # ---------------------------------------------------------------------------------------
-# the engine
+# the assistant on the engine
 def test_assistant_generates_and_counts_tokens(assistant):
     torch.manual_seed(0)
-    completion = assistant.generate(QUESTION, params=SAMPLE)
+    answer = assistant.generate(QUESTION, settings=SAMPLE)
     prompt = assistant.prompt_ids(QUESTION)
-    assert completion.text.strip()
-    assert completion.prompt_tokens == len(prompt)
-    assert 1 <= completion.completion_tokens <= 8
-    assert completion.finish_reason in ("stop", "length")
+    assert answer.text.strip()
+    assert answer.prompt_tokens == len(prompt)
+    assert 1 <= answer.completion_tokens <= 8
+    assert answer.finish_reason in ("stop", "length")
     # a chat-template model without a run config gets the default medical system prompt
     assert DEFAULT_SYSTEM_PROMPT in assistant.tokenizer.decode(prompt)
 
 
 def test_stream_pieces_add_up_to_the_answer(assistant):
     torch.manual_seed(1)
-    generation = assistant.stream(QUESTION, params=GenerationParams(max_new_tokens=16, temperature=1.0))
+    generation = assistant.stream(QUESTION, settings=sampling(max_new_tokens=16, temperature=1.0))
     pieces = list(generation)
-    completion = generation.result()
-    assert len(pieces) >= 1 and "".join(pieces) == completion.text
-    assert completion.completion_tokens <= 16
+    answer = generation.result()
+    assert len(pieces) >= 1 and "".join(pieces).strip() == answer.text
+    assert answer.completion_tokens <= 16
 
 
 def test_history_and_system_prompt_shape_the_prompt(assistant):
@@ -172,12 +177,21 @@ def test_history_and_system_prompt_shape_the_prompt(assistant):
     assert DEFAULT_SYSTEM_PROMPT in assistant.tokenizer.decode(assistant.prompt_ids(QUESTION))  # not mutated
 
 
+def test_sampling_maps_openai_knobs_to_one_rule():
+    greedy = sampling(8, temperature=0.0, top_p=0.5)
+    assert greedy.do_sample is False and greedy.temperature == 1.0 and greedy.top_p == 1.0
+    sampled = sampling(8, temperature=0.7, top_p=0.9, stop=("END",))
+    assert sampled.do_sample and sampled.temperature == 0.7 and sampled.top_p == 0.9 and sampled.stop == ["END"]
+    with pytest.raises(RequestError, match="max_new_tokens"):
+        sampling(0)
+
+
 def test_stop_string_cuts_the_answer_and_stops_generation(assistant):
-    base = assistant.generate(QUESTION, params=GREEDY)  # greedy: the same text every time
+    base = assistant.generate(QUESTION, settings=GREEDY)  # greedy: the same text every time
     assert len(base.text) >= 2
     stop = base.text[1:2]
-    expected = base.text[: base.text.find(stop)]
-    cut = assistant.generate(QUESTION, params=GenerationParams(24, 0.0, stop=(stop,)))
+    expected = base.text[: base.text.find(stop)].strip()
+    cut = assistant.generate(QUESTION, settings=sampling(24, 0.0, stop=(stop,)))
     assert cut.text == expected
     assert cut.finish_reason == "stop"
     assert cut.completion_tokens <= base.completion_tokens
@@ -190,10 +204,9 @@ def test_stop_string_cuts_the_answer_and_stops_generation(assistant):
     cuts=st.lists(st.integers(0, 30), max_size=6),
 )
 def test_stop_text_cuts_the_same_however_the_text_is_split(text, stops, cuts):
-    # generation stops at the shortest beginning of the text that holds a stop string
-    ends = [i + len(s) for s in stops if (i := text.find(s)) >= 0]
-    met = text[: min(ends)] if ends else text
-    expected = met[: min((i for s in stops if (i := met.find(s)) >= 0), default=len(met))]
+    # the stream is cut where the whole answer is cut (the engine's one rule: before the
+    # earliest stop string), whatever pieces the text arrives in
+    expected, _ = cut_at_stop(text, stops)
     bounds = sorted({0, len(text), *[min(c, len(text)) for c in cuts]})
     stop_text = StopText(stops)
     out = "".join(stop_text.feed(text[a:b]) for a, b in zip(bounds, bounds[1:])) + stop_text.flush()
@@ -203,38 +216,34 @@ def test_stop_text_cuts_the_same_however_the_text_is_split(text, stops, cuts):
 def test_length_limits_and_history_trimming(qwen):
     small = Assistant(qwen, max_prompt_tokens=150)
     with pytest.raises(RequestError, match="at most 150"):
-        small.stream("word " * 200, params=SAMPLE)
+        small.stream("word " * 200, settings=SAMPLE)
     history = [(f"question {i} " * 5, f"answer {i} " * 5) for i in range(10)]
     kept = small.fit_history(QUESTION, history, 8)
     assert 0 < len(kept) < len(history) and kept == history[-len(kept):]
     assert len(small.prompt_ids(QUESTION, kept)) <= 150
     with pytest.raises(RequestError, match="context of 1024"):  # tiny-qwen3 has 1024 positions
         Assistant(qwen, max_prompt_tokens=4096).check_lengths(1000, 100)
-    with pytest.raises(RequestError, match="max new tokens"):
-        GenerationParams(max_new_tokens=0).check()
 
 
 def test_encoder_decoder_model_through_the_assistant():
     t5 = Assistant(load_for_inference("tiny-t5"))
-    assert t5.family == "encoder-decoder" and not t5.keeps_history and t5.system_prompt is None
+    assert t5.family.name == "encoder-decoder" and not t5.keeps_history and t5.system_prompt is None
     assert t5.prompt_ids(QUESTION, [("earlier", "turn")]) == t5.prompt_ids(QUESTION)
-    completion = t5.generate(QUESTION, params=GenerationParams(max_new_tokens=6))
-    assert completion.completion_tokens == 6 and completion.finish_reason == "length"
-    assert completion.text.strip()
-    generation = t5.stream(QUESTION, params=GenerationParams(max_new_tokens=6))
-    assert "".join(generation) == generation.result().text == completion.text  # greedy: the same answer
+    answer = t5.generate(QUESTION, settings=sampling(max_new_tokens=6))
+    assert answer.completion_tokens == 6 and answer.finish_reason == "length"
+    assert answer.text.strip()
+    generation = t5.stream(QUESTION, settings=sampling(max_new_tokens=6))
+    assert "".join(generation).strip() == generation.result().text == answer.text  # greedy: the same answer
     # and over HTTP
-    with TestClient(create_app(t5.loaded, small_settings(model_name="tiny-t5"), assistant=t5)) as c:
+    with local_client(create_app(t5.loaded, small_settings(model_name="tiny-t5"), assistant=t5)) as c:
         r = c.post("/v1/chat/completions", json=chat_body(max_tokens=6, temperature=0))
         assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["message"]["content"] == completion.text
+        assert r.json()["choices"][0]["message"]["content"] == answer.text
 
 
 def test_system_prompt_comes_from_the_flag_then_the_run_then_the_default(qwen):
-    from medassist.config import TrainConfig
-
     def system_of(cfg, flag=None) -> str:
-        engine = Assistant(LoadedModel(qwen.model, qwen.tokenizer, "decoder", cfg, "run"), system_prompt=flag)
+        engine = Assistant(LoadedModel(qwen.model, qwen.tokenizer, qwen.family, cfg, "run"), system_prompt=flag)
         return engine.tokenizer.decode(engine.prompt_ids(QUESTION))
 
     assert "Trained with this." in system_of(TrainConfig(system_prompt="Trained with this."))
@@ -265,8 +274,8 @@ def test_adapter_run_and_merged_folder_are_served(tmp_path):
         assert isinstance(loaded.model, peft.PeftModel) == (ref == run)
         engine = Assistant(loaded)
         assert engine.tokenizer.decode(engine.prompt_ids(QUESTION)).startswith(prefix)  # the run's prefix
-        expected = engine.generate(QUESTION, params=GenerationParams(max_new_tokens=6)).text
-        with TestClient(create_app(loaded, small_settings(), assistant=engine)) as c:
+        expected = engine.generate(QUESTION, settings=sampling(max_new_tokens=6)).text
+        with local_client(create_app(loaded, small_settings(), assistant=engine)) as c:
             r = c.post("/v1/chat/completions", json=chat_body(max_tokens=6, temperature=0))
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected
 
@@ -275,18 +284,53 @@ class _Broken:
     def __getattr__(self, name):
         raise AttributeError(name)
 
+    def parameters(self):
+        return iter(())
+
     def generate(self, **kwargs):
         raise RuntimeError("the model fell over")
 
 
 def test_a_failing_generation_is_an_error_answer_not_a_dead_server(qwen):
-    broken = LoadedModel(_Broken(), qwen.tokenizer, "decoder", None, "broken")
-    with TestClient(create_app(broken, small_settings())) as c:
+    broken = LoadedModel(_Broken(), qwen.tokenizer, qwen.family, None, "broken")
+    with local_client(create_app(broken, small_settings())) as c:
         r = c.post("/v1/chat/completions", json=chat_body())
         assert r.status_code == 500 and "RuntimeError" in r.json()["error"]["message"]
         r = c.post("/v1/chat/completions", json=chat_body(stream=True))
         assert r.status_code == 200 and '"error"' in r.text and r.text.endswith("data: [DONE]\n\n")
         assert c.get("/health").json()["active"] == 0  # slots given back
+
+
+# ---------------------------------------------------------------------------------------
+# parity: the server answers what evaluation scores (issue 10)
+PARITY_QUESTIONS = ["What is type 2 diabetes?", "How is asthma treated in children?", "Is flu contagious?",
+                    "What causes high blood pressure in adults over sixty?"]
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-t5"])
+def test_server_answers_what_evaluate_scores(preset, live_server):
+    """Same question, same settings (greedy, max tokens, the run's system prompt): the answer
+    over HTTP, plain and streamed, is the one `evaluate` generated and scored."""
+    from medassist.evaluation import evaluate_examples, get_bert_scorer
+
+    loaded = load_for_inference(preset)
+    diversify(loaded.model)
+    loaded.config = TrainConfig(model=preset, system_prompt="Answer in plain words.")  # as a run carries it
+    examples = [QAExample(q, "A reference answer.", row=i + 1) for i, q in enumerate(PARITY_QUESTIONS)]
+    ecfg = EvalConfig(max_new_tokens=10, baselines=False, retrieval_baseline=False, bootstrap_resamples=100)
+    result = evaluate_examples(loaded.engine(), examples, ecfg, scorer=get_bert_scorer())
+    scored = [row.generated for row in result.examples]
+    assert len(set(scored)) > 1 and all(scored), "answers must differ for the check to mean anything"
+
+    app = create_app(loaded, ServeConfig(model_name=preset))
+    with live_server(app) as base, httpx.Client(base_url=base, timeout=60) as http:
+        for question, expected in zip(PARITY_QUESTIONS, scored):
+            body = {"messages": [{"role": "user", "content": question}], "max_tokens": 10, "temperature": 0}
+            plain = http.post("/v1/chat/completions", json=body)
+            assert plain.status_code == 200, plain.text
+            assert plain.json()["choices"][0]["message"]["content"] == expected
+            streamed = http.post("/v1/chat/completions", json={**body, "stream": True})
+            assert streamed_text(streamed.text) == expected
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,12 +343,24 @@ def test_health_models_and_page(client):
     assert client.get("/v1/models/gpt-4").status_code == 404
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "not medical advice" in page.text and "see a clinician" in page.text
+    assert DISCLAIMER in page.text  # the one wording, served by the app
     assert "default-src 'none'" in page.headers["content-security-policy"]
     for asset in ("/static/app.js", "/static/style.css"):
         r = client.get(asset)
         assert r.status_code == 200 and "http://" not in r.text and "https://" not in r.text
+        assert "default-src 'none'" in r.headers["content-security-policy"]
     assert "https://" not in page.text and "http://" not in page.text  # nothing from a CDN
+
+
+def test_openapi_describes_the_models_the_routes_return(client):
+    schema = client.get("/openapi.json").json()
+    chat = schema["paths"]["/v1/chat/completions"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletionRequest")
+    assert chat["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletion")
+    assert chat["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert {"ChatCompletionRequest", "ChatMessage", "ChatCompletion", "ModelList", "ErrorResponse"} <= set(
+        schema["components"]["schemas"])
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
 def test_chat_completion_plain(client):
@@ -343,49 +399,62 @@ def test_conversation_and_system_messages_reach_the_prompt(client, assistant):
     assert r.json()["usage"]["prompt_tokens"] == len(expected)
 
 
+HI = [{"role": "user", "content": "hi"}]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "message"),
     [
-        (b'{"messages": [', 422, "not valid JSON"),
-        ({"messages": "hello"}, 422, "messages"),
-        ({"messages": []}, 422, "messages"),
-        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "lots"}, 422, "max_tokens"),
-        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 422, "temperature"),
-        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 422, "n"),
-        ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
-        ({"messages": [{"role": "wizard", "content": "hi"}]}, 422, "role"),
-        ({"messages": [{"role": "user", "content": 5}]}, 422, "content"),
+        (b'{"messages": [', 400, "not valid JSON"),
+        ({"messages": "hello"}, 400, "messages"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": HI, "max_tokens": "lots"}, 400, "max_tokens"),
+        ({"messages": HI, "temperature": 5}, 400, "temperature"),
+        ({"messages": HI, "n": 2}, 400, "n"),
+        ({"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+        ({"messages": [{"role": "user", "content": 5}]}, 400, "content"),
         ({"messages": [{"role": "user", "content": "   "}]}, 400, "empty"),
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400,
-         "last message"),
+        ({"messages": HI + [{"role": "assistant", "content": "yo"}]}, 400, "last message"),
         ({"messages": [{"role": "system", "content": "only system"}]}, 400, "last message"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 422, "'text'"),
-        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 17}, 400, "at most 16"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "'text'"),
+        ({"messages": HI, "max_tokens": 17}, 400, "at most 16"),
         ({"messages": [{"role": "user", "content": "word " * 300}]}, 400, "at most 256"),
         ({"messages": [{"role": "user", "content": "x" * 100_000}]}, 400, "characters"),
         ({"messages": [{"role": "user", "content": "x" * 300_000}]}, 413, "limit"),
+        # issue 11 item 10: strict types, never coerced
+        ({"messages": HI, "max_tokens": "3"}, 400, "max_tokens"),
+        ({"messages": HI, "max_tokens": True}, 400, "max_tokens"),
+        ({"messages": HI, "max_tokens": 3.0}, 400, "max_tokens"),
+        ({"messages": HI, "stream": "yes"}, 400, "stream"),
+        ({"messages": HI, "stream": 1}, 400, "stream"),
+        ({"messages": HI, "temperature": "0"}, 400, "temperature"),
+        ({"messages": HI, "stream_options": {"include_usage": "true"}}, 400, "include_usage"),
+        ({"messages": [{"role": "user", "content": ["hi"]}]}, 400, "content"),
     ],
 )
-def test_bad_requests_get_a_clear_error(client, body, status, message):
+def test_bad_requests_get_a_clear_error_in_openai_shape(client, body, status, message):
     if isinstance(body, bytes):
         r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     else:
         r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert message in error["message"] and error["type"]
+    error = r.json()["error"]  # issue 11 item 18: 400 {"error": {message, type, param, code}}, not 422
+    assert set(error) == {"message", "type", "param", "code"}
+    assert message in error["message"] and error["type"] == "invalid_request_error"
 
 
 def test_api_key_guards_every_v1_route(qwen):
-    with TestClient(create_app(qwen, small_settings(api_key="s3cret"))) as c:
+    with TestClient(create_app(qwen, small_settings(api_key="s3cret"))) as c:  # with a key: any Host name
         good = {"Authorization": "Bearer s3cret"}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             r = c.get("/v1/models", headers=headers)
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
             assert "API key" in r.json()["error"]["message"]
-            # before the body is even parsed: bad JSON without a key is still 401
+            # before the body is even read: bad JSON without a key is still 401
             assert c.post("/v1/chat/completions", content=b"{", headers=headers).status_code == 401
             assert c.get("/v1/nothing-here", headers=headers).status_code == 401
+        assert c.get("/v1/nothing-here", headers=good).status_code == 404
         assert c.get("/v1/models", headers=good).status_code == 200
         assert c.post("/v1/chat/completions", json=chat_body(max_tokens=2), headers=good).status_code == 200
         assert c.get("/health").json()["auth_required"] is True
@@ -394,7 +463,7 @@ def test_api_key_guards_every_v1_route(qwen):
 
 # ---------------------------------------------------------------------------------------
 # real clients on loopback
-def test_official_openai_client_plain_and_streaming(qwen):
+def test_official_openai_client_plain_and_streaming(qwen, live_server):
     import openai
 
     with live_server(create_app(qwen, small_settings(api_key="k-123"))) as base:
@@ -421,16 +490,20 @@ def test_official_openai_client_plain_and_streaming(qwen):
         cut = client.chat.completions.create(
             model="tiny-qwen3", messages=[{"role": "user", "content": QUESTION}], max_tokens=16, temperature=0,
             stop=[stop])
-        assert cut.choices[0].message.content == full[: full.find(stop)]
+        assert cut.choices[0].message.content == full[: full.find(stop)].strip()
 
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
         with pytest.raises(openai.BadRequestError, match="at most 16"):
             client.chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=1000)
+        # issue 11 item 18: a wrong type reaches the user as OpenAI's 400 with the message
+        with pytest.raises(openai.BadRequestError, match="max_tokens: Input should be a valid integer"):
+            client.chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={"max_tokens": "3"})
 
 
-def test_overload_gets_429_at_once_and_the_queue_is_served(qwen):
+def test_overload_gets_429_at_once_and_the_queue_is_served(qwen, live_server):
     model = slow(qwen, delay=0.05)
     app = create_app(model, small_settings(max_concurrency=1, max_queue=1, max_tokens_limit=64))
     with live_server(app) as base, httpx.Client(base_url=base, timeout=30) as http:
@@ -455,7 +528,7 @@ def test_overload_gets_429_at_once_and_the_queue_is_served(qwen):
         assert http.get("/health").json() == {"status": "ok", "auth_required": False, "active": 0, "waiting": 0}
 
 
-def test_queue_timeout_answers_503(qwen):
+def test_queue_timeout_answers_503(qwen, live_server):
     app = create_app(slow(qwen, delay=0.05), small_settings(max_concurrency=1, max_queue=2, queue_timeout_s=0.3,
                                                              max_tokens_limit=64))
     with live_server(app) as base, httpx.Client(base_url=base, timeout=30) as http:
@@ -468,7 +541,7 @@ def test_queue_timeout_answers_503(qwen):
         first.join(30)
 
 
-def test_disconnected_stream_stops_generating_and_frees_the_slot(qwen):
+def test_disconnected_stream_stops_generating_and_frees_the_slot(qwen, live_server):
     loaded = slow(qwen, delay=0.05)
     app = create_app(loaded, small_settings(max_concurrency=1, max_queue=2, max_tokens_limit=400))
     with live_server(app) as base, httpx.Client(base_url=base, timeout=30) as http:
@@ -488,13 +561,6 @@ def test_disconnected_stream_stops_generating_and_frees_the_slot(qwen):
         assert http.get("/health").json()["active"] == 0
 
 
-def _wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
-
-
 # ---------------------------------------------------------------------------------------
 # schema fuzzing: whatever the OpenAPI schema allows (and what it does not), never a 5xx.
 # (schemathesis' own pytest plugin does not run on pytest 9 yet, so its strategies go through
@@ -506,7 +572,7 @@ def test_openapi_schema_fuzzing_never_gets_a_server_error(qwen, mode):
     from schemathesis.generation.modes import GenerationMode
 
     app = create_app(qwen, small_settings(max_tokens_limit=4, default_max_tokens=4, max_prompt_tokens=128,
-                                          max_queue=64))
+                                          max_queue=64, allowed_hosts=["testserver"]))  # the ASGI client's Host
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     paths = set(schema.raw_schema["paths"])
     assert {"/v1/chat/completions", "/v1/models", "/health"} <= paths
@@ -524,18 +590,19 @@ def test_openapi_schema_fuzzing_never_gets_a_server_error(qwen, mode):
     # (schema-valid requests may still be refused with 400, e.g. when the last message is not
     # the user's: the schema cannot say that; answered requests are tested above)
     assert any(path == "/v1/chat/completions" for path, _ in seen)
+    assert any(status == 200 for _, status in seen), "the fuzzer's requests must reach the routes (Host check)"
 
 
 # ---------------------------------------------------------------------------------------
 # the generate / chat / serve commands
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="medassist")
-    serving_cli.add_serving_commands(parser.add_subparsers(dest="command", required=True))
+    serve_cli.add_serving_commands(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(argv)
 
 
 def test_generate_command_prints_the_answer(qwen, monkeypatch, capsys):
-    monkeypatch.setattr(serving_cli, "load_model", lambda ref: qwen)
+    monkeypatch.setattr(serve_cli, "load_model", lambda ref: qwen)
     args = _parse(["generate", "--model", "tiny-qwen3", QUESTION, "--max-new-tokens", "6", "--temperature", "1"])
     torch.manual_seed(0)
     assert args.func(args) == 0
@@ -546,7 +613,7 @@ def test_generate_command_prints_the_answer(qwen, monkeypatch, capsys):
 
 
 def test_chat_command_keeps_history_resets_and_exits_cleanly(qwen, monkeypatch):
-    monkeypatch.setattr(serving_cli, "load_model", lambda ref: qwen)
+    monkeypatch.setattr(serve_cli, "load_model", lambda ref: qwen)
     lines = iter([QUESTION, "", "/reset", "And in children?"])
     prompts: list[int] = []
     real_prompt_ids = Assistant.prompt_ids
@@ -565,26 +632,25 @@ def test_chat_command_keeps_history_resets_and_exits_cleanly(qwen, monkeypatch):
 
     out = io.StringIO()
     args = _parse(["chat", "--model", "tiny-qwen3", "--max-new-tokens", "4", "--temperature", "1"])
-    assert serving_cli.cmd_chat(args, input_fn=read, out=out) == 0
+    assert serve_cli.cmd_chat(args, input_fn=read, out=out) == 0
     text = out.getvalue()
     assert DISCLAIMER in text and text.count("assistant> ") == 2 and "(conversation cleared)" in text
     assert prompts and max(prompts) == 0  # /reset came before the second question
 
     lines = iter([QUESTION, "And in children?"])
     prompts.clear()
-    assert serving_cli.cmd_chat(args, input_fn=read, out=io.StringIO()) == 0
+    assert serve_cli.cmd_chat(args, input_fn=read, out=io.StringIO()) == 0
     assert max(prompts) == 1  # the second question was asked with the first turn as history
 
     def interrupt(prompt: str) -> str:
         raise KeyboardInterrupt
 
-    assert serving_cli.cmd_chat(args, input_fn=interrupt, out=io.StringIO()) == 0
+    assert serve_cli.cmd_chat(args, input_fn=interrupt, out=io.StringIO()) == 0
 
 
 def test_chat_process_exits_cleanly_on_ctrl_c():
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medassist.serving_cli", "chat", "--model", "tiny-t5", "--max-new-tokens", "4",
-         "--threads", "1"],
+        [sys.executable, "-m", "medassist", "chat", "--model", "tiny-t5", "--max-new-tokens", "4", "--threads", "1"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -594,10 +660,13 @@ def test_chat_process_exits_cleanly_on_ctrl_c():
         seen = b""
         deadline = time.monotonic() + 60
         while seen.count(b"you> ") < 2:  # the answer came and the next prompt is waiting
-            assert time.monotonic() < deadline and proc.poll() is None, seen
+            assert time.monotonic() < deadline and proc.poll() is None, seen + proc.stderr.read()
             if select.select([proc.stdout], [], [], 0.5)[0]:
                 seen += os.read(proc.stdout.fileno(), 4096)
         assert b"assistant> " in seen
+        # Ctrl-C as a person presses it: at the waiting prompt. A signal that lands between the
+        # prompt's write and the read() would only be seen once a line came (CPython's race).
+        _wait_for(lambda: _blocked_in_read(proc.pid), timeout=20)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
         assert b"Traceback" not in proc.stderr.read()
@@ -606,10 +675,33 @@ def test_chat_process_exits_cleanly_on_ctrl_c():
             proc.kill()
 
 
+def _blocked_in_read(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "S"  # sleeping: waiting for input
+    except OSError:  # no /proc: nothing to wait for
+        return True
+
+
+def test_serve_options_come_from_serve_config(monkeypatch):
+    args = _parse(["serve"])
+    defaults = ServeConfig()
+    for name in ("host", "port", "max_prompt_tokens", "max_tokens_limit", "default_max_tokens", "temperature",
+                 "top_p", "max_concurrency", "max_queue", "queue_timeout_s", "max_body_bytes", "allowed_hosts"):
+        assert getattr(args, name) == getattr(defaults, name), name
+    args = _parse(["serve", "--allowed-hosts", "example.org, localhost", "--max-new-tokens", "32",
+                   "--queue-timeout", "5"])
+    assert args.allowed_hosts == ["example.org", "localhost"]
+    assert args.default_max_tokens == 32 and args.queue_timeout_s == 5.0
+
+
 def test_serve_command_checks_its_options(monkeypatch):
-    monkeypatch.setattr(serving_cli, "load_model", lambda ref: pytest.fail("must not load a model"))
+    monkeypatch.setattr(serve_cli, "load_model", lambda ref: pytest.fail("must not load a model"))
     with pytest.raises(MedassistError, match="max-concurrency"):
         args = _parse(["serve", "--model", "tiny-qwen3", "--max-concurrency", "0"])
+        args.func(args)
+    with pytest.raises(MedassistError, match="temperature"):
+        args = _parse(["serve", "--model", "tiny-qwen3", "--temperature", "3"])
         args.func(args)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

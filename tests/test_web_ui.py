@@ -3,13 +3,13 @@ download), against a live server on loopback that requires an API key."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from medassist import DISCLAIMER
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -51,29 +51,16 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def server_url():
-    import uvicorn
-
+def server_url(live_server):
+    from medassist.config import ServeConfig
     from medassist.models import LoadedModel, load_for_inference
-    from medassist.serving import ServeSettings, create_app
+    from medassist.serving import create_app
 
     qwen = load_for_inference("tiny-qwen3")
     loaded = LoadedModel(_SlowModel(qwen.model), qwen.tokenizer, qwen.family, None, "tiny-qwen3")
-    settings = ServeSettings(model_name="tiny-qwen3", api_key="ui-key", temperature=1.0, default_max_tokens=24)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(loaded, settings), log_level="warning",
-                                           timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    settings = ServeConfig(model_name="tiny-qwen3", api_key="ui-key", temperature=1.0, default_max_tokens=24)
+    with live_server(create_app(loaded, settings)) as url:
+        yield url
 
 
 def test_chat_page_streams_an_answer_and_always_shows_the_disclaimer(server_url, tmp_path):
@@ -90,8 +77,7 @@ def test_chat_page_streams_an_answer_and_always_shows_the_disclaimer(server_url,
 
             disclaimer = page.locator("#disclaimer")
             sync_api.expect(disclaimer).to_be_visible()
-            sync_api.expect(disclaimer).to_contain_text("not medical advice")
-            sync_api.expect(disclaimer).to_contain_text("see a clinician")
+            sync_api.expect(disclaimer).to_have_text(DISCLAIMER)  # the one wording, from the server
 
             # the server needs a key: the page says so and keeps the one typed in
             sync_api.expect(page.locator("#settings")).to_be_visible()

@@ -1,44 +1,58 @@
 """``medassist generate``, ``chat`` and ``serve``: the terminal side of :mod:`medassist.serving`.
 
-``cli.py`` registers these with :func:`add_serving_commands`; each handler takes the parsed
-``args`` and returns an exit code. ``python -m medassist.serving_cli`` runs them on their own.
+Defaults and help come from :class:`~medassist.config.ServeConfig` and
+:class:`~medassist.config.GenerationSettings`, where each setting is defined once; the
+sampling knobs are OpenAI's (temperature 0 = greedy), mapped by
+:func:`~medassist.serving.sampling` for all three commands.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import socket
 import sys
 from typing import Callable, TextIO
 
+from pydantic import BaseModel
+
+from medassist.cli.common import say
+from medassist.config import GenerationSettings, ServeConfig, check_settings, field_help
 from medassist.errors import MedassistError
 
 DEFAULT_MODEL = "smollm2-135m"
 MODEL_HELP = "run directory, preset (medassist models) or model folder / hub id (default: %(default)s)"
 
 
-def _say(message: str) -> None:
-    print(f"medassist: {message}", file=sys.stderr, flush=True)
+def _option(p: argparse.ArgumentParser, model: type[BaseModel], name: str, *flags: str, help: str | None = None,
+            **kwargs) -> None:
+    """An option whose default and help are those of ``model``'s field ``name`` (its dest).
+    Its first flag is the field's name (what a validation error names), then any others."""
+    field = model.model_fields[name]
+    default = field.default if field.default_factory is None else field.default_factory()
+    text = help or (field.description if default is None else field_help(model, name))
+    p.add_argument("--" + name.replace("_", "-"), *flags, dest=name, default=kwargs.pop("default", default),
+                   help=text.replace("%", "%%"), **kwargs)
 
 
 def _generation_options(p: argparse.ArgumentParser, *, server: bool = False) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="RUN|PRESET|PATH", help=MODEL_HELP)
-    p.add_argument("--system-prompt", metavar="TEXT",
-                   help="system prompt for chat-template models; default: the run's own, else a careful "
-                        "medical-information prompt; '' for none (ignored by encoder-decoder models)")
-    when = " when a request does not say (max_tokens)" if server else ""
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
-                   help=f"most tokens in an answer{when} (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="sampling temperature; 0 = greedy, deterministic (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="nucleus sampling: keep the smallest set of tokens with this much probability "
-                        "(default: %(default)s)")
+    _option(p, ServeConfig, "system_prompt", metavar="TEXT")
+    if server:
+        _option(p, ServeConfig, "default_max_tokens", "--max-new-tokens", type=int, metavar="N")
+    else:  # the server's default answer length, so `generate` answers as `serve` does
+        default = ServeConfig.model_fields["default_max_tokens"].default
+        _option(p, GenerationSettings, "max_new_tokens", type=int, metavar="N", default=default,
+                help=f"{GenerationSettings.model_fields['max_new_tokens'].description} (default: {default})")
+    _option(p, ServeConfig, "temperature", type=float, metavar="T")
+    _option(p, ServeConfig, "top_p", type=float, metavar="P")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for generation (default: torch's choice, one per core); on a busy "
                         "machine 1 is often much faster")
+
+
+def _hosts(text: str) -> list[str]:
+    return [h.strip() for h in text.split(",") if h.strip()]
 
 
 def add_serving_commands(subparsers) -> None:
@@ -49,7 +63,8 @@ def add_serving_commands(subparsers) -> None:
     )
     p.add_argument("question", help="the question (quote it)")
     _generation_options(p)
-    p.add_argument("--stop", action="append", metavar="TEXT", help="end the answer before this text; repeatable")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help=GenerationSettings.model_fields["stop"].description + " Repeatable.")
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser(
@@ -59,8 +74,7 @@ def add_serving_commands(subparsers) -> None:
                     "long). Type /reset to start over; Ctrl-D or Ctrl-C quits.",
     )
     _generation_options(p)
-    p.add_argument("--max-prompt-tokens", type=int, default=1024, metavar="N",
-                   help="most prompt tokens (system + history + question) (default: %(default)s)")
+    _option(p, ServeConfig, "max_prompt_tokens", type=int, metavar="N")
     p.set_defaults(func=cmd_chat)
 
     p = subparsers.add_parser(
@@ -71,22 +85,15 @@ def add_serving_commands(subparsers) -> None:
                     "get 429 at once.",
     )
     _generation_options(p, server=True)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on every /v1 route "
-                        "(default: $MEDASSIST_API_KEY; unset = open)")
-    p.add_argument("--model-name", metavar="ID", help="model id reported by /v1/models (default: the --model value)")
-    p.add_argument("--max-prompt-tokens", type=int, default=1024, metavar="N",
-                   help="longer prompts (system + history + question) get 400 (default: %(default)s)")
-    p.add_argument("--max-tokens-limit", type=int, default=512, metavar="N",
-                   help="largest max_tokens a request may ask for; more gets 400 (default: %(default)s)")
-    p.add_argument("--max-concurrency", type=int, default=1, metavar="N",
-                   help="generations running at once (default: %(default)s)")
-    p.add_argument("--max-queue", type=int, default=4, metavar="N",
-                   help="requests waiting for a generation slot; beyond this, 429 (default: %(default)s)")
-    p.add_argument("--queue-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="a request waiting longer than this gets 503 (default: %(default)s)")
+    _option(p, ServeConfig, "host")
+    _option(p, ServeConfig, "port", type=int)
+    _option(p, ServeConfig, "api_key", metavar="KEY")
+    _option(p, ServeConfig, "allowed_hosts", type=_hosts, metavar="HOST,HOST",
+            help=ServeConfig.model_fields["allowed_hosts"].description + " (comma-separated; '*' = any)")
+    _option(p, ServeConfig, "model_name", metavar="ID")
+    for name in ("max_prompt_tokens", "max_tokens_limit", "max_concurrency", "max_queue", "max_body_bytes"):
+        _option(p, ServeConfig, name, type=int, metavar="N")
+    _option(p, ServeConfig, "queue_timeout_s", "--queue-timeout", type=float, metavar="SECONDS")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
@@ -101,9 +108,12 @@ def load_model(ref: str):
 
 
 def _params(args: argparse.Namespace):
-    from medassist.serving import sampling
+    from medassist.serving import RequestError, sampling
 
-    return sampling(args.max_new_tokens, args.temperature, args.top_p, tuple(getattr(args, "stop", None) or ()))
+    try:
+        return sampling(args.max_new_tokens, args.temperature, args.top_p, tuple(getattr(args, "stop", None) or ()))
+    except RequestError as exc:
+        raise MedassistError(f"{args.command}: {exc}") from None
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -115,7 +125,7 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _assistant(args: argparse.Namespace, max_prompt_tokens: int = 1024):
+def _assistant(args: argparse.Namespace, max_prompt_tokens: int = ServeConfig.model_fields["max_prompt_tokens"].default):
     from medassist.serving import Assistant
 
     params = _params(args)  # bad options fail before a model is loaded
@@ -125,8 +135,7 @@ def _assistant(args: argparse.Namespace, max_prompt_tokens: int = 1024):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     assistant, params = _assistant(args)
-    completion = assistant.generate(args.question, settings=params)
-    print(completion.text.strip())
+    print(assistant.generate(args.question, settings=params).text.strip())
     return 0
 
 
@@ -138,10 +147,10 @@ def cmd_chat(args: argparse.Namespace, input_fn: Callable[[str], str] = input, o
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
         pass
-    _say(f"loading {args.model} ...")
+    say(f"loading {args.model} ...")
     assistant, params = _assistant(args, args.max_prompt_tokens)
     write = lambda text: (out.write(text), out.flush())  # noqa: E731
-    write(f"medassist chat: {args.model} ({assistant.family}). {DISCLAIMER}\n"
+    write(f"medassist chat: {args.model} ({assistant.family.name}). {DISCLAIMER}\n"
           "Type a question; /reset starts over; Ctrl-D or Ctrl-C quits.\n")
     if not assistant.keeps_history:
         write("(this encoder-decoder model answers each question on its own; earlier turns are not sent)\n")
@@ -178,27 +187,18 @@ def cmd_chat(args: argparse.Namespace, input_fn: Callable[[str], str] = input, o
                     piece = piece.lstrip()
                     started = bool(piece)
                 write(piece)
-            completion = generation.result()
+            answer = generation.result()
             generation = None
-            if completion.finish_reason == "length":
+            if answer.finish_reason == "length":
                 write(" [cut at --max-new-tokens]")
             write("\n")
             if assistant.keeps_history:
-                history.append((question, completion.text.strip()))
+                history.append((question, answer.text.strip()))
     except KeyboardInterrupt:
         if generation is not None:
             generation.cancel()
         write("\n")
         return 0
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_port(host: str, port: int) -> None:
@@ -214,43 +214,21 @@ def _check_port(host: str, port: int) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from medassist.config import ServeConfig, check_settings
     from medassist.serving import create_app
+    from medassist.serving.limits import is_loopback
 
-    api_key = args.api_key if args.api_key is not None else os.environ.get("MEDASSIST_API_KEY") or None
-    settings = check_settings(
-        ServeConfig, "serve",
-        host=args.host, port=args.port, api_key=api_key, model_name=args.model_name or args.model,
-        system_prompt=args.system_prompt, max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, max_concurrency=args.max_concurrency,
-        max_queue=args.max_queue, queue_timeout_s=args.queue_timeout,
-    )
-    _check_port(args.host, args.port)
+    values = {name: getattr(args, name) for name in ServeConfig.model_fields if hasattr(args, name)}
+    values["api_key"] = args.api_key if args.api_key is not None else os.environ.get("MEDASSIST_API_KEY") or None
+    values["model_name"] = args.model_name or args.model
+    settings = check_settings(ServeConfig, "serve", **values)
+    _check_port(settings.host, settings.port)
     _set_threads(args)
-    _say(f"loading {args.model} ...")
+    say(f"loading {args.model} ...")
     app = create_app(load_model(args.model), settings)
-    base = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
-    _say(f"serving {settings.model_name}: chat page {base}/ , OpenAI API {base}/v1 "
-         f"({'API key required' if api_key else 'no API key'}); Ctrl-C stops")
-    if not api_key and not _loopback(args.host):
-        _say(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use it")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=3)
+    base = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
+    say(f"serving {settings.model_name}: chat page {base}/ , OpenAI API {base}/v1 "
+        f"({'API key required' if settings.api_key else 'no API key'}); Ctrl-C stops")
+    if not settings.api_key and not is_loopback(settings.host):
+        say(f"warning: listening on {settings.host} without --api-key: anyone who can reach this port can use it")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=3)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """These three commands alone (``python -m medassist.serving_cli``)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = argparse.ArgumentParser(prog="medassist", description="Use a medassist model.")
-    add_serving_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except MedassistError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,13 @@
-"""Serving: the assistant (prompts, history, lengths, generation through the engine) and the
-HTTP server in front of it (OpenAI-compatible API, chat page)."""
+"""Serving, in three layers on the one engine:
 
-from medassist.serving.assistant import DEFAULT_SYSTEM_PROMPT, DISCLAIMER, Assistant, RequestError, sampling
+- :mod:`~medassist.serving.assistant`: prompts, history, lengths, generation (no I/O);
+- :mod:`~medassist.serving.openai`: the OpenAI wire format (requests, responses, errors);
+- :mod:`~medassist.serving.app`: the HTTP server (routes, SSE, the chat page), with
+  :mod:`~medassist.serving.limits` (admission, disconnects, allowed Host names).
+"""
+
+from medassist import DISCLAIMER
+from medassist.serving.assistant import DEFAULT_SYSTEM_PROMPT, Assistant, RequestError, sampling
 
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "DISCLAIMER", "Assistant", "RequestError", "sampling", "create_app"]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Sequence
 
-from medassist import DISCLAIMER  # noqa: F401 - re-exported for the serving layer
 from medassist.config import GenerationSettings
 from medassist.engine import Answer, Stream
 from medassist.errors import MedassistError
@@ -32,6 +31,10 @@ class RequestError(MedassistError):
 def sampling(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              stop: Sequence[str] = ()) -> GenerationSettings:
     """Generation settings from the OpenAI-style knobs: temperature 0 means greedy."""
+    if not temperature >= 0:  # (nan too)
+        raise RequestError(f"temperature: must be at least 0 (0 = greedy), not {temperature}")
+    if not 0 <= top_p <= 1:
+        raise RequestError(f"top_p: must be between 0 and 1, not {top_p}")
     do_sample = temperature >= MIN_TEMPERATURE
     try:
         return GenerationSettings(max_new_tokens=max_new_tokens, do_sample=do_sample,
