@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
+from medassist import DISCLAIMER
 from medassist.cli import main
 from medassist.config import load_config
 from medassist.families import FAMILIES
@@ -56,6 +59,12 @@ def test_merged_lora_loads_with_plain_transformers_and_matches_base_plus_adapter
     out = tmp_path / "merged"
     assert main(["export", str(lora_run), "--out", str(out), "--merge"]) == 0
     assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").exists()
+    assert not (out / "model.gguf").exists() and not (out / "Modelfile").exists()
+    card = (out / "README.md").read_text()
+    assert "Or serve it: `medassist serve --model PATH_OR_REPO_OF_THIS_FOLDER`." in card  # serve takes --model
+    assert ModelCard.load(out / "README.md").data.library_name == "transformers"
+    generation = json.loads((out / "generation_config.json").read_text())  # stops where serve stops
+    assert generation["eos_token_id"] in (151645, [151645]) and generation["pad_token_id"] == 151643
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert not any("lora" in k for k in merged.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -93,8 +102,10 @@ def test_adapter_export_records_its_base_and_has_a_model_card(lora_run, tmp_path
     card = (out / "README.md").read_text()
     manifest = json.loads((lora_run / "data_manifest.json").read_text())
     summary = json.loads((lora_run / "train_summary.json").read_text())
-    assert card.startswith("---\nlibrary_name: peft\n")
-    assert "**not medical advice**" in card and "## Intended use and limits" in card
+    data = ModelCard.load(out / "README.md").data  # the header parses as the Hub parses it
+    assert data.library_name == "peft" and data.pipeline_tag == "text-generation" and "lora" in data.tags
+    assert DISCLAIMER in card and "## Intended use and limits" in card
+    assert "medassist serve" not in card  # an adapter is not served on its own
     assert "sample_medical_qa.csv" in card and f"Rows read: {manifest['rows_read']}" in card
     assert f"train {manifest['rows_per_split']['train']}" in card
     assert f"Steps: {summary['steps']}" in card and "Final train loss:" in card
@@ -110,7 +121,9 @@ def test_encoder_decoder_full_fine_tune_exports_a_plain_model(tmp_path, sample_c
     assert main(["export", str(run), "--out", str(out), "--merge"]) == 0
     assert "nothing to merge" in capsys.readouterr().err
     assert (out / "model.safetensors").exists() and (out / "README.md").exists()
-    assert "pipeline_tag: text2text-generation" in (out / "README.md").read_text()
+    assert ModelCard.load(out / "README.md").data.pipeline_tag == "text2text-generation"
+    sep = AutoTokenizer.from_pretrained(out).sep_token_id
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] in (sep, [sep])
     plain = AutoModelForSeq2SeqLM.from_pretrained(out, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     loaded = load_for_inference(str(run))
@@ -149,3 +162,24 @@ def test_export_user_errors_are_one_line(lora_run, tmp_path, capsys):
     assert "exists and is not empty (pass --overwrite" in capsys.readouterr().err
     assert main(["export", str(lora_run), "--out", str(busy), "--overwrite"]) == 0
     assert not (busy / "file").exists() and (busy / "README.md").exists()
+
+
+def test_model_card_reports_test_scores_as_hub_eval_results(lora_run, tmp_path):
+    from medassist.export.card import model_card
+    from medassist.families import get_family
+    from medassist.rundir import RunDir
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(lora_run, run_dir)
+    (run_dir / "eval_test.json").write_text(json.dumps({
+        "n_examples": 8, "bertscore_f1": 0.8123, "rouge_l": 0.21, "baselines": {"repeat": {"bertscore_f1": 0.5}}}))
+    run = RunDir(run_dir)
+    text = model_card(run, run.config(), "merged", "my-model", get_family("decoder"), gguf_type="q8_0",
+                      system_prompt="Be careful.")
+    card = ModelCard(text)
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"bertscore_f1": 0.8123, "rouge_l": 0.21} and card.data.model_name == "my-model"
+    assert "| bertscore_f1 | 0.8123 |" in text and "| bertscore_f1 of baseline 'repeat' | 0.5 |" in text
+    assert "Test split (8 questions never seen in training)" in text
+    assert '`model.gguf` (q8_0)' in text and "ollama create my-model -f Modelfile" in text
+    assert 'system prompt: "Be careful."' in text and "gguf" in card.data.tags

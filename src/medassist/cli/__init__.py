@@ -16,8 +16,7 @@ from medassist.errors import MedassistError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medassist.cli import data, evaluate, serve, train
-    from medassist import export
+    from medassist.cli import data, evaluate, export, index, serve, train
 
     parser = argparse.ArgumentParser(
         prog="medassist",
@@ -25,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in (train.add_commands, data.add_commands, evaluate.add_commands,
-                     serve.add_serving_commands, export.add_commands):
+                     serve.add_serving_commands, export.add_commands, index.add_commands):
         register(sub)
     return parser
 
