@@ -105,7 +105,7 @@ def model_flops(model, sequences: list[tuple[int, int]]) -> float:
     return total
 
 
-def heldout_loss(model, fmt, examples, batch_size: int = 8) -> float:
+def heldout_loss(model, fmt, family, examples, batch_size: int = 8) -> float:
     """Mean loss per answer token on held-out rows, fp32, no dropout."""
     import torch
     import torch.nn.functional as F
@@ -113,7 +113,7 @@ def heldout_loss(model, fmt, examples, batch_size: int = 8) -> float:
     from medassist.training import tokenize_examples
 
     model.eval()
-    feats = sorted(tokenize_examples(fmt, examples).features, key=lambda f: len(f["input_ids"]))
+    feats = sorted(tokenize_examples(fmt, family, examples).features, key=lambda f: len(f["input_ids"]))
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(feats), batch_size):
@@ -138,29 +138,28 @@ def _common_overrides(args, csv: Path, out: Path) -> dict:
 def run_medassist(args, train_rows, heldout, tmp: Path, extra: dict) -> dict:
     import torch
 
-    from medassist import training
     from medassist.config import load_config
-    from medassist.formatting import make_format
     from medassist.models import load_for_inference
+    from medassist.training import recipe
 
     overrides = _common_overrides(args, common.write_csv(train_rows, tmp / "train.csv"), tmp / "run")
     overrides.update(extra)
     cfg = load_config(common.ROOT / "configs" / "default.yaml", overrides)
     counter: dict = {}
-    stock = training._columns_collator
+    stock = recipe.columns_collator
 
     def counting(fmt):
         counter["c"] = CountingCollator(stock(fmt))
         return counter["c"]
 
-    training._columns_collator = counting
+    recipe.columns_collator = counting  # what train() batches with
     torch.manual_seed(cfg.seed)
-    result = training.train(cfg)
+    result = recipe.train(cfg)
     rss = common.peak_rss_mib()
     summary = result.summary
     losses = [e["loss"] for e in _read_jsonl(result.run_dir / "metrics.jsonl") if "loss" in e]
     loaded = load_for_inference(str(result.run_dir))
-    fmt = make_format("decoder", loaded.tokenizer, cfg)
+    fmt = loaded.family.make_format(loaded.tokenizer, cfg)
     counts = counter["c"].totals(summary["steps"])
     assert counts["supervised_tokens"] == summary["supervised_tokens"], (counts, summary)
     step_ends = [e["time"] for e in _read_jsonl(result.run_dir / "metrics.jsonl") if "loss" in e]
@@ -168,7 +167,7 @@ def run_medassist(args, train_rows, heldout, tmp: Path, extra: dict) -> dict:
         "precision": summary["precision"], "lora": f"r={cfg.lora.r} a={cfg.lora.alpha}",
         "steps": summary["steps"], "wall": summary["wall_time_seconds"], "peak_rss_mib": rss,
         "step_ends": step_ends,
-        "losses": losses, "heldout_loss": heldout_loss(loaded.model, fmt, heldout),
+        "losses": losses, "heldout_loss": heldout_loss(loaded.model, fmt, loaded.family, heldout),
         "step_flops": [model_flops(loaded.model, seqs) for seqs in counts.pop("step_sequences")], **counts,
     }
 
@@ -181,11 +180,10 @@ def run_original(args, train_rows, heldout, tmp: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from medassist.config import load_config
-    from medassist.formatting import make_format
     from medassist.models import load_pretrained
 
     default = load_config(common.ROOT / "configs" / "default.yaml", {"model": args.model})
-    model, tok, _ = load_pretrained(args.model)
+    model, tok, family = load_pretrained(args.model)
     system = [{"role": "system", "content": default.system_prompt}] if default.system_prompt else []
     dataset = Dataset.from_list([
         {"prompt": system + [{"role": "user", "content": e.question}],
@@ -218,13 +216,13 @@ def run_original(args, train_rows, heldout, tmp: Path) -> dict:
     wall = time.perf_counter() - start
     rss = common.peak_rss_mib()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    fmt = make_format("decoder", tok, default)
+    fmt = family.make_format(tok, default)
     counts = counter.totals(trainer.state.global_step)
     return {
         "precision": "fp32", "lora": f"r={ORIGINAL['r']} a={ORIGINAL['alpha']}",
         "steps": trainer.state.global_step, "wall": wall, "peak_rss_mib": rss, "losses": losses,
         "step_ends": step_ends,
-        "heldout_loss": heldout_loss(trainer.model, fmt, heldout),
+        "heldout_loss": heldout_loss(trainer.model, fmt, family, heldout),
         "step_flops": [model_flops(trainer.model, seqs) for seqs in counts.pop("step_sequences")], **counts,
     }
 

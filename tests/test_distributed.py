@@ -58,7 +58,14 @@ def _check_ddp_run(run: Path, proc: subprocess.CompletedProcess) -> None:
     # one metrics file, each event once (not once per rank)
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if "loss" in e] == list(range(1, STEPS + 1))
-    assert [e["step"] for e in events if "eval_loss" in e] == [2, 4, 6, 6]  # in training x3, final evaluate
+    # evaluated in training x3; the final metrics are step 6's unless an earlier best checkpoint
+    # was reloaded, which is evaluated once more
+    evaluated = [2, 4, 6] if summary["best_checkpoint"].endswith("checkpoint-6") else [2, 4, 6, 6]
+    assert [e["step"] for e in events if "eval_loss" in e] == evaluated
+    # pooled over the answer tokens of the whole validation set (each row once, across both ranks)
+    final = [e for e in events if "eval_loss" in e][-1]
+    assert summary["final_validation_perplexity"] == final["eval_pooled_perplexity"]
+    assert summary["validation_metrics"]["eval_pooled_answer_tokens"] == _validation_answer_tokens(run)
     assert sum("train_runtime" in e for e in events) == 1
     # checkpoints: complete, with both ranks' RNG state (save_total_limit 2 keeps the last two)
     for step in (4, 6):
@@ -68,6 +75,19 @@ def _check_ddp_run(run: Path, proc: subprocess.CompletedProcess) -> None:
     # only rank 0 talks
     assert proc.stderr.count("medassist: trained ") == 1
     assert proc.stdout.count("run: ") == 1
+
+
+def _validation_answer_tokens(run: Path) -> int:
+    """Answer tokens of the run's validation split, as one process tokenizes them."""
+    from medassist.config import load_config
+    from medassist.data import read_split
+    from medassist.models import load_pretrained
+    from medassist.training import tokenize_examples
+
+    cfg = load_config(run / "config.yaml")
+    _, tokenizer, family = load_pretrained(cfg.model)
+    fmt = family.make_format(tokenizer, cfg)
+    return tokenize_examples(fmt, family, read_split(run / "splits" / "validation.jsonl")).supervised_tokens
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
@@ -86,7 +106,8 @@ def test_torchrun_two_cpu_processes_generation_metrics_and_resume(tmp_path):
     # evaluation, with the numbers one process gets from the same weights
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     scored = [e for e in events if "eval_bertscore_f1" in e]
-    assert [e["step"] for e in scored] == [2, 4, 6, 6]
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert [e["step"] for e in scored] == ([2, 4, 6] if summary["best_checkpoint"].endswith("checkpoint-6") else [2, 4, 6, 6])
     logged = scored[1]
     single = _single_process_generation_metrics(run, run / "checkpoints" / "checkpoint-4")
     assert set(single) <= {k.removeprefix("eval_") for k in logged}

@@ -14,7 +14,7 @@ from medassist.config import TrainConfig, load_config
 from medassist.data import QAExample
 from medassist.formatting import IGNORE_INDEX
 from medassist.training import (
-    EpochSeededSampler, MedassistTrainer, _columns_collator, build_model, to_dataset, tokenize_examples,
+    EpochSeededSampler, MedassistTrainer, columns_collator, build_model, to_dataset, tokenize_examples,
     training_arguments,
 )
 
@@ -33,7 +33,7 @@ def _setup(tmp_path, lora: bool, head_on_answer_only: bool = True, batch_size: i
     args = training_arguments(cfg, tmp_path, "fp32", has_eval=False)
     args.disable_tqdm = True
     trainer = MedassistTrainer(model=model, args=args, train_dataset=data, eval_dataset=data,
-                               data_collator=_columns_collator(fmt), processing_class=tok,
+                               data_collator=columns_collator(fmt), processing_class=tok,
                                family=family, prune_head=head_on_answer_only)
     return trainer, fmt, data
 
@@ -114,3 +114,32 @@ def test_length_grouped_batches_and_dynamic_padding_by_default(tmp_path):
     assert not isinstance(shuffled._get_train_sampler(), EpochSeededSampler)
     real = sum(len(ids) for ids in data["input_ids"])
     assert _padded_tokens(grouped) - real < 0.5 * (_padded_tokens(shuffled) - real)
+
+
+def test_validation_perplexity_is_pooled_over_answer_tokens(tmp_path):
+    """eval_pooled_perplexity = exp(total answer-token NLL / total answer tokens) over every row, from
+    the answer-only evaluation path; unlike eval_loss (the stock mean of per-batch means) it
+    does not depend on how the rows are batched."""
+    import math
+
+    import torch.nn.functional as F
+
+    trainer, fmt, data = _setup(tmp_path, lora=True, eval={"batch_size": 5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = trainer.evaluate()
+        trainer.args.per_device_eval_batch_size = 3
+        rebatched = trainer.evaluate()
+    model = trainer.model
+    model.eval()
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(data)):  # one row at a time, stock full-logit loss
+            batch = fmt.collate([data[i]])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            nll += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").item()
+            tokens += int((labels != IGNORE_INDEX).sum())
+    assert metrics["eval_pooled_answer_tokens"] == rebatched["eval_pooled_answer_tokens"] == tokens
+    assert metrics["eval_pooled_perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert rebatched["eval_pooled_perplexity"] == pytest.approx(metrics["eval_pooled_perplexity"], rel=1e-5)

@@ -15,7 +15,7 @@ from medassist.config import load_config
 from medassist.data import QAExample
 from medassist.errors import ConfigError
 from medassist.training import (
-    MedassistTrainer, _columns_collator, build_model, cpu_supports_bf16, resolve_precision,
+    MedassistTrainer, columns_collator, build_model, cpu_supports_bf16, resolve_precision,
     to_dataset, tokenize_examples, training_arguments,
 )
 
@@ -93,7 +93,7 @@ def _trainer(precision: str, tmp_path: Path, head_on_answer_only: bool = True):
     data = to_dataset(tokenize_examples(fmt, family, [QAExample(q, a, i) for i, (q, a) in enumerate(QA)]))
     args = training_arguments(cfg, tmp_path / precision, resolve_precision(precision), has_eval=False)
     args.disable_tqdm = True
-    return MedassistTrainer(model=model, args=args, train_dataset=data, data_collator=_columns_collator(fmt),
+    return MedassistTrainer(model=model, args=args, train_dataset=data, data_collator=columns_collator(fmt),
                             processing_class=tok, family=family, prune_head=head_on_answer_only)
 
 

@@ -144,3 +144,76 @@ def test_smollm2_few_steps_lowers_loss(tmp_path, toy_csv):
     losses = _losses(result.run_dir)
     assert losses[-1] < losses[0], losses
     assert (result.run_dir / "final" / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# no waste on real data (issue 14 item 2): a bounded validation loss, one evaluation of the
+# final weights, and where the wall time went
+def test_validation_loss_subset_is_bounded_and_seeded():
+    from medassist.config import EvalConfig
+    from medassist.training import validation_loss_subset
+
+    assert EvalConfig().loss_limit == 256 and "null = all rows" in EvalConfig.model_fields["loss_limit"].description
+    rows = list(range(50))
+    cfg = load_config(None, {"eval": {"loss_limit": 5}})
+    picked = validation_loss_subset(rows, cfg)
+    assert len(picked) == 5 and picked == sorted(picked) == validation_loss_subset(rows, cfg)
+    assert picked != validation_loss_subset(rows, load_config(None, {"seed": 7, "eval": {"loss_limit": 5}}))
+    assert validation_loss_subset(rows, load_config(None, {"eval": {"loss_limit": None}})) == rows
+    assert validation_loss_subset(rows[:3], cfg) == rows[:3]
+
+
+def test_final_validation_is_the_last_evaluation_when_it_measured_the_final_weights(tmp_path, sample_csv):
+    run = tmp_path / "run"
+    result = train(load_config(None, {
+        "model": "tiny-qwen3", "max_steps": 4, "batch_size": 4, "output_dir": str(run), "eval_strategy": "steps",
+        "eval_steps": 2, "save_strategy": "no", "report": False,
+        "data": {"path": str(sample_csv), "validation_fraction": 0.3},
+        "eval": {"generation_metrics": False, "loss_limit": 5}}))
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [e for e in events if "eval_loss" in e]
+    assert [e["step"] for e in evaluations] == [2, 4]  # no second evaluation of the step-4 weights
+    summary = result.summary
+    assert summary["final_validation_loss"] == evaluations[-1]["eval_loss"]
+    assert summary["final_validation_perplexity"] == evaluations[-1]["eval_pooled_perplexity"]
+    assert summary["validation_metrics"]["eval_pooled_answer_tokens"] == evaluations[0]["eval_pooled_answer_tokens"] > 0
+    assert summary["validation_loss_examples"] == 5 < summary["validation_examples"]
+    timing = summary["timing"]
+    assert set(timing) == {"setup", "train", "eval", "generation", "save", "report", "total"}
+    assert timing["train"] > 0 and timing["eval"] > 0 and timing["generation"] == timing["report"] == 0
+    parts = sum(v for k, v in timing.items() if k != "total")
+    assert parts <= timing["total"] <= parts + 5.0  # setup .. report cover the run
+
+
+def _trainer_after(global_step: int, best_step: int | None, load_best: bool, evaluated_steps: list[int]):
+    from types import SimpleNamespace
+
+    history = []
+    for step in evaluated_steps:  # a loss event, then the generation metrics' own event
+        history += [{"step": step, "eval_loss": 1.0 / step, "eval_runtime": 0.5, "epoch": 1.0},
+                    {"step": step, "eval_bertscore_f1": 0.1 * step}]
+    calls: list[int] = []
+    state = SimpleNamespace(global_step=global_step, best_global_step=best_step, log_history=history,
+                            best_model_checkpoint=f"run/checkpoints/checkpoint-{best_step}" if best_step else None)
+    trainer = SimpleNamespace(state=state, args=SimpleNamespace(load_best_model_at_end=load_best),
+                              evaluate=lambda: calls.append(global_step) or {"eval_loss": 9.0, "eval_runtime": 2.0})
+    return trainer, calls
+
+
+@pytest.mark.parametrize("global_step,best,load_best,evaluated,reused", [
+    (4, 4, True, [2, 4], True),  # best = last: its metrics are the final weights'
+    (4, None, False, [2, 4], True),  # no best checkpoint reloaded: the last step's weights
+    (4, 2, True, [2, 4], False),  # an earlier best was reloaded: measured once more
+    (5, None, False, [2, 4], False),  # the last step was not evaluated
+    (4, None, False, [], False),  # no evaluation during training
+])
+def test_final_validation_reuses_an_evaluation_only_of_the_same_weights(global_step, best, load_best, evaluated,
+                                                                        reused):
+    from medassist.training.recipe import final_validation
+
+    trainer, calls = _trainer_after(global_step, best, load_best, evaluated)
+    metrics = final_validation(trainer)
+    if reused:
+        assert calls == [] and metrics == {"eval_loss": 1.0 / global_step, "eval_bertscore_f1": 0.1 * global_step}
+    else:
+        assert calls == [global_step] and metrics == {"eval_loss": 9.0}

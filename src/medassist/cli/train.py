@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import warnings
 
 from medassist.cli.common import say as _say
 from medassist.families import FAMILIES
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from medassist.config import load_config
@@ -18,26 +19,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
     from medassist.distributed import is_main_process
-    from medassist.training import train
+    from medassist.training import CheckpointWarning, train
 
-    result = train(cfg, log=_say if is_main_process() else (lambda _m: None), resume=_resume_arg(args, cfg))
+    log = _say if is_main_process() else (lambda _m: None)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_for(CheckpointWarning, log, warnings.showwarning)
+        result = train(cfg, log=log, resume=args.resume)
     if is_main_process():
         s = result.summary
         print(f"run: {result.run_dir}")
         print(f"final model: {result.run_dir / 'final'}")
-        print(f"steps {s['steps']}, final train loss {s['final_train_loss']}, "
+        resumed = f" ({s['steps_this_process']} in this process)" if s.get("resumed_at_step") else ""
+        print(f"steps {s['steps']}{resumed}, final train loss {s['final_train_loss']}, "
               f"validation loss {s['final_validation_loss']}")
         if result.report:
             print(f"report: {result.report.get('report_html', result.run_dir / 'report')}")
     return 0
 
 
-def _resume_arg(args, cfg):
-    if not getattr(args, "resume", None):
-        return None
-    from medassist.training import find_resume_checkpoint
+def _one_line_for(category, log, default):
+    """medassist's own warnings of ``category`` as one ``medassist: warning: ...`` line."""
+    def show(message, cat, filename, lineno, file=None, line=None):
+        if issubclass(cat, category):
+            log(f"warning: {message}")
+        else:
+            default(message, cat, filename, lineno, file, line)
 
-    return find_resume_checkpoint(Path(cfg.output_dir), args.resume)
+    return show
 
 
 def add_commands(sub) -> None:
@@ -49,6 +57,6 @@ def add_commands(sub) -> None:
                    help="override a config key (dotted for sections: lora.r=8); repeatable")
     p.add_argument("--output-dir", help="run directory (overrides output_dir)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="auto|PATH",
-                   help="continue from the newest complete checkpoint (auto) or the one given")
+                   help="continue from the newest complete checkpoint (auto; from step 0 when there is none) "
+                   "or from the checkpoint or run directory given")
     p.set_defaults(func=cmd_train)
-
