@@ -73,9 +73,12 @@ def test_check_run_on_a_loaded_model():
         return LoadedModel(loaded.model, loaded.tokenizer, loaded.family, cfg, "run")
 
     assert check_run(run(TrainConfig(system_prompt="Trained."))) == []
-    (problem,) = check_run(run(TrainConfig()))  # serve adds its default system prompt
+    # a run trained without a system prompt is served without one (the template's default, as in training)
+    assert check_run(run(TrainConfig())) == []
+    # serve --system-prompt with another text than training is flagged, naming both values
+    other = run(TrainConfig(system_prompt="You are medassist, a careful assistant.")).format()
+    (problem,) = check_run(run(TrainConfig()), serve_fmt=other)
     assert problem.message.startswith("system prompt: training used none, serve uses 'You are medassist, a careful")
-    assert check_run(run(TrainConfig()), serve_fmt=run(TrainConfig()).format()) == []  # serve --system-prompt ''
 
 
 @pytest.mark.parametrize("args", [["doctor"], ["doctor", "--export"]])

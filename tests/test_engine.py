@@ -1,5 +1,11 @@
 """The engine: generation sees prompts only, pads the way each family needs, batching changes
-nothing, and one stop rule and one sampling rule hold for the batch and the streaming API."""
+nothing, and one stop rule and one sampling rule hold for the batch and the streaming API.
+
+Each test runs on the decoder-only model through continuous batching (``tiny-qwen3``), the
+same model through transformers' ``generate`` (``tiny-qwen3/generate``, the path of models the
+batcher does not take) and the encoder-decoder (``tiny-t5``). The batcher's own tests are in
+test_batching.py.
+"""
 
 from __future__ import annotations
 
@@ -36,10 +42,42 @@ def diversify(model, std: float = 0.5):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["tiny-qwen3", "tiny-t5"])
+_MODELS: dict[str, tuple] = {}
+
+
+@pytest.fixture(scope="module", params=["tiny-qwen3", "tiny-qwen3/generate", "tiny-t5"])
 def lm(request):
-    model, tok, family = load_pretrained(request.param)
-    return Engine(diversify(model), family.make_format(tok), family)
+    name = request.param.split("/")[0]
+    if name not in _MODELS:
+        model, tok, family = load_pretrained(name)
+        _MODELS[name] = (diversify(model), family.make_format(tok), family)
+    model, fmt, family = _MODELS[name]
+    return Engine(model, fmt, family, batching=not request.param.endswith("/generate"))
+
+
+def batched(lm) -> bool:
+    """True when this engine decodes with the continuous batcher (not transformers' generate)."""
+    return lm.batching and lm.batching_problem is None
+
+
+class Inputs:
+    """Records the token ids every forward pass of generation gets (generate's own calls, or
+    the batcher's forwards)."""
+
+    def __init__(self, lm):
+        self.lm, self.ids = lm, []
+
+    def __enter__(self):
+        def hook(_module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is not None and kwargs.get("use_cache"):  # generation (perplexity runs without a cache)
+                self.ids.append(ids.clone())
+
+        self.handle = self.lm.model.register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 class Recorder:
@@ -68,26 +106,36 @@ def test_generation_inputs_hold_no_answer_token(lm):
     from medassist.evaluation import score_model, get_bert_scorer
 
     model, fmt = lm.model, lm.fmt
-    with Recorder(model) as rec:
-        score_model(lm, EXAMPLES, GenerationSettings(max_new_tokens=4, batch_size=2), get_bert_scorer())
-    assert rec.calls
+    answer_only = {ex.question: set(fmt.tokenizer(ex.answer, add_special_tokens=False).input_ids)
+                   - set(fmt.prompt_ids(ex.question)) for ex in EXAMPLES}
+    assert all(answer_only.values()), "the test answers must have tokens of their own"
+    with Recorder(model) as rec, Inputs(lm) as seen:
+        result = score_model(lm, EXAMPLES, GenerationSettings(max_new_tokens=4, batch_size=2), get_bert_scorer())
+    generated = {t for text in result.generated for t in fmt.tokenizer(text, add_special_tokens=False).input_ids}
+    in_prompts = {t for ex in EXAMPLES for t in fmt.prompt_ids(ex.question)}
+    # tokens only a reference answer has (one the model itself wrote may come back as input)
+    leaked = set().union(*answer_only.values()) - in_prompts - generated
+    assert leaked
+    assert not any(leaked & set(ids.flatten().tolist()) for ids in seen.ids)
+    if batched(lm):
+        assert seen.ids and not rec.calls  # the batcher's forwards are all there is
+        return
     prompts = {tuple(fmt.prompt_ids(ex.question)): ex for ex in EXAMPLES}
-    seen = 0
+    seen_rows = 0
     for call in rec.calls:
         assert set(call) <= {"input_ids", "attention_mask", "generation_config", "stopping_criteria"}  # no labels
         for ids, mask in zip(call["input_ids"], call["attention_mask"]):
             row = tuple(ids[mask.bool()].tolist())
             assert row in prompts, "every generation input is exactly the prompt of one question"
-            ex = prompts[row]
-            answer_only = set(fmt.tokenizer(ex.answer, add_special_tokens=False).input_ids) - set(row)
-            assert answer_only, "the test answer must have tokens of its own"
-            assert not answer_only & set(ids.tolist())
-            seen += 1
-    assert seen == len(EXAMPLES)
+            assert not answer_only[prompts[row].question] & set(ids.tolist())
+            seen_rows += 1
+    assert seen_rows == len(EXAMPLES)
 
 
 def test_decoder_batches_are_left_padded_and_seq2seq_right(lm):
     model, fmt = lm.model, lm.fmt
+    if batched(lm):
+        pytest.skip("the batcher pads its own way (test_batching.py)")
     with Recorder(model) as rec:
         lm.answer(QUESTIONS, GenerationSettings(max_new_tokens=2, batch_size=8))
     (call,) = rec.calls
@@ -102,11 +150,12 @@ def test_decoder_batches_are_left_padded_and_seq2seq_right(lm):
 
 
 def test_batched_equals_one_at_a_time_in_input_order(lm):
-    batched = lm.answer(QUESTIONS, GenerationSettings(max_new_tokens=8, batch_size=4))
-    single = [lm.answer([q], GenerationSettings(max_new_tokens=8, batch_size=1))[0] for q in QUESTIONS]
-    assert [a.token_ids for a in batched] == [s.token_ids for s in single]
-    assert [a.text for a in batched] == [s.text for s in single]
-    assert len({tuple(a.token_ids) for a in batched}) > 1, "answers must differ for the check to mean anything"
+    together = lm.answer(QUESTIONS, GenerationSettings(max_new_tokens=8, batch_size=4))
+    reference = Engine(lm.model, lm.fmt, lm.family, batching=False)  # transformers' generate, one at a time
+    single = [reference.answer([q], GenerationSettings(max_new_tokens=8, batch_size=1))[0] for q in QUESTIONS]
+    assert [a.token_ids for a in together] == [s.token_ids for s in single]
+    assert [a.text for a in together] == [s.text for s in single]
+    assert len({tuple(a.token_ids) for a in together}) > 1, "answers must differ for the check to mean anything"
 
 
 def test_stops_at_eos_and_flags_answers_that_hit_the_limit(lm):
@@ -119,12 +168,15 @@ def test_stops_at_eos_and_flags_answers_that_hit_the_limit(lm):
 
     handle = model.register_forward_hook(force_eos)
     try:
-        with Recorder(model) as rec:
+        with Recorder(model) as rec, Inputs(lm) as seen:
             stopped = lm.answer(QUESTIONS[:2], GenerationSettings(max_new_tokens=16))
     finally:
         handle.remove()
     assert [a.completion_tokens for a in stopped] == [0, 0] and [a.finish_reason for a in stopped] == ["stop"] * 2
     assert [a.text for a in stopped] == ["", ""]
+    if batched(lm):  # the two rows' prefill gives the EOS: no decoding step follows
+        assert sum(ids.shape[0] == 2 for ids in seen.ids) == 1, "generation ends at the first EOS"
+        return
     start = rec.calls[0]["input_ids"].shape[1] if lm.family.name == "decoder" else 1
     assert rec.outputs[0].shape[1] == start + 1, "generation ends at the first EOS"
 
@@ -153,7 +205,7 @@ def test_every_eos_of_the_model_stops(lm):
     other = next(t for t in range(5, 50) if t not in lm.stop_ids)
     lm.model.generation_config.eos_token_id = [lm.fmt.eos_id, other]
     try:
-        engine = Engine(lm.model, lm.fmt, lm.family)
+        engine = Engine(lm.model, lm.fmt, lm.family, batching=lm.batching)
 
         def force(_module, _inputs, output):
             output.logits[..., other] = 1e4

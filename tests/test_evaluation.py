@@ -497,3 +497,14 @@ def test_smollm2_report(tmp_path):
     assert result["verdicts"] and result["comparisons"]
     for name in ("report.html", "f1_distribution.png", "examples.csv", "differences.png"):
         assert (tmp_path / "rep" / name).is_file()
+
+
+def test_perplexity_alone_is_no_win():
+    from medassist.evaluation.stats import overall_verdict
+
+    verdict, reason = overall_verdict({"factual consistency": "can't tell", "BERTScore F1": "can't tell",
+                                       "log perplexity": "yes"})
+    assert verdict == "can't tell" and "only log perplexity improved" in reason
+    assert overall_verdict({"factual consistency": "yes", "BERTScore F1": "can't tell",
+                            "log perplexity": "yes"})[0] == "yes"
+    assert overall_verdict({"log perplexity": "yes"})[0] == "yes"  # nothing generated to judge

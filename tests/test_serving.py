@@ -248,7 +248,12 @@ def test_system_prompt_comes_from_the_flag_then_the_run_then_the_default(qwen):
 
     assert "Trained with this." in system_of(TrainConfig(system_prompt="Trained with this."))
     assert "Flag wins." in system_of(TrainConfig(system_prompt="Trained with this."), "Flag wins.")
-    assert DEFAULT_SYSTEM_PROMPT in system_of(TrainConfig())
+    # a run trained without one is served without one, exactly as it was trained
+    assert DEFAULT_SYSTEM_PROMPT not in system_of(TrainConfig())
+    assert system_of(TrainConfig()) == qwen.tokenizer.decode(qwen.format().prompt_ids(QUESTION))
+    # a model medassist did not train (no config) gets the careful default
+    untrained = Assistant(LoadedModel(qwen.model, qwen.tokenizer, qwen.family, None, "preset"))
+    assert DEFAULT_SYSTEM_PROMPT in untrained.tokenizer.decode(untrained.prompt_ids(QUESTION))
     plain = system_of(TrainConfig(prompt_format="plain"))  # trained without one: none added
     assert plain.startswith("Question: ") and DEFAULT_SYSTEM_PROMPT not in plain
 

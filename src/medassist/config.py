@@ -3,9 +3,9 @@
 One style for every setting: pydantic models, strict (``batch_size: true`` is an error, not
 1; no float accepts inf or nan), documented where they are defined, and read by the CLI for
 its defaults and help. :class:`TrainConfig` is a run (YAML whose keys mirror the classes;
-``lora:``, ``data:`` and ``eval:`` are sections), :class:`GenerationSettings` how answers are
-generated (shared by evaluation, ``generate``, ``chat`` and ``serve``), :class:`ServeConfig`
-the HTTP server. ``--set key=value`` overrides any key, dotted for sections
+``lora:``, ``data:``, ``eval:`` and ``retrieval:`` are sections), :class:`GenerationSettings`
+how answers are generated (shared by evaluation, ``generate``, ``chat`` and ``serve``),
+:class:`ServeConfig` the HTTP server. ``--set key=value`` overrides any key, dotted for sections
 (``--set lora.r=8``); values are parsed as YAML scalars. Unknown keys and wrong types are
 a :class:`~medassist.errors.ConfigError` that names the key.
 """
@@ -117,8 +117,13 @@ class GenerationSettings(_Section):
         1.0, ge=1.0, le=10.0, description="Divide the logits of tokens already in the answer (1 = off).")
     no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this size (0 = off).")
     stop: list[str] = Field(default_factory=list, description="End the answer before the first of these.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generate call (evaluation).")
-    seed: int | None = Field(None, description="Torch seed for a sampling call (reproducible batches).")
+    batch_size: int = Field(16, ge=1, description="Answers decoded together (evaluation): rows of the continuous "
+                            "batch, refilled as answers end.")
+    seed: int | None = Field(None, description="Torch seed for a sampling call (each answer draws with seed + its "
+                             "index: reproducible whatever the batch).")
+    dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Precision of generation: fp32, or bf16 (opt-in: a bf16 copy of the weights; faster on "
+        "CPUs with bf16 units, greedy answers may differ from fp32).")
 
     def generation(self, **changes) -> "GenerationSettings":
         """These settings alone (without a subclass's other fields), with ``changes`` applied."""
@@ -160,6 +165,34 @@ class EvalConfig(GenerationSettings):
     retrieval_encoder: str = Field("minilm-l6", description="Encoder that finds the nearest training question.")
     bootstrap_resamples: int = Field(
         2000, ge=100, le=100_000, description="Paired bootstrap resamples for each 95% interval (seeded).")
+
+
+class RetrievalConfig(_Section):
+    """Retrieval-augmented fine-tuning and answering (docs/retrieval.md, "Grounded answers").
+
+    With ``enabled``, every prompt (training, validation, test, and later ``generate``/``chat``/
+    ``serve``) carries the top-``k`` passages the retriever finds at or above ``min_score``; the
+    loss mask still covers only the answer. The index holds the *training split only* unless
+    ``index`` names a built one (whose rows of held-out questions and, with
+    ``data.holdout_column``, held-out collections are then never returned).
+    """
+
+    enabled: bool = Field(False, description="Put retrieved passages into every prompt (off until it wins).")
+    index: str | None = Field(
+        None, description="A built index directory (`medassist index build`); null = build one from the "
+        "training split into RUN/retrieval/index (once: rebuilding with the same rows is skipped).")
+    k: int = Field(3, ge=1, le=20, description="Passages per prompt at most (distinct source pages); passages "
+                   "that do not fit the prompt budget are dropped from the last.")
+    min_score: float | None = Field(
+        None, description="Relevance threshold: passages scoring below it are never shown (no passage = the "
+        "model answers without sources and says so); null = the retriever's measured threshold (0.80).")
+    distractor_share: float = Field(
+        0.2, ge=0.0, le=1.0, description="Share of training prompts (seeded) carrying only distractors: "
+        "passages about other entities, so the model learns to ignore irrelevant context (RAFT, Zhang et al. "
+        "2024, used 20%).")
+    exclude_own_group: bool = Field(
+        True, description="Never retrieve an example's own question group or its own answer text for itself "
+        "(otherwise training teaches copying the answer from the prompt).")
 
 
 class TrainConfig(_Section):
@@ -229,6 +262,7 @@ class TrainConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
 
     @field_validator("lr_scheduler")
     @classmethod
@@ -360,7 +394,12 @@ class ServeConfig(_Section):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="sampling temperature when a request gives none; "
                                "0 = greedy, deterministic")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass when a request gives none")
-    max_concurrency: int = Field(1, ge=1, description="generations running at once")
+    max_concurrency: int = Field(8, ge=1, description="generations admitted at once (with batching: the rows "
+                                 "decoded together; without: one thread each)")
+    batching: bool = Field(True, description="decode concurrent requests together (continuous batching: requests "
+                           "join and leave between decoding steps); off: one generation thread per request")
+    max_batch_size: int | None = Field(None, ge=1, description="rows per decoding step (default: max_concurrency); "
+                                       "admitted requests beyond it wait for a row")
     max_queue: int = Field(4, ge=0, description="requests waiting for a generation slot; beyond this, 429")
     queue_timeout_s: float = Field(60.0, gt=0.0, description="a request waiting longer than this gets 503")
     max_body_bytes: int = Field(1_000_000, ge=1, description="larger request bodies get 413")

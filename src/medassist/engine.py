@@ -6,13 +6,23 @@ rule, so an answer scored by ``evaluate`` is the answer a user of ``serve`` gets
 
 - **stop rule**: generation ends at the formatter's EOS and at every EOS id the model's
   ``generation_config`` declares (Qwen and Llama 3 have several), or at the first stop string
-  (transformers' ``StopStringCriteria``); the text is cut before the stop string;
+  (transformers' ``StopStringCriteria`` in ``generate``; the batcher looks for it in the newly
+  decoded text of each answer); the text is cut before the stop string;
 - **sampling rule**: ``do_sample`` is explicit (:class:`~medassist.config.GenerationSettings`);
   greedy decoding clears temperature and top-p, so a model's sampling defaults never leak in.
 
 Prompts are token ids from the family's formatter: generation never sees a reference answer.
-Batches are sorted by prompt length (little padding), padded on the family's side, and run
-with the KV cache; results come back in the caller's order.
+Decoder-only models decode by continuous batching (:mod:`medassist.batching`): up to
+``batch_size`` answers share every forward pass, an answer leaves the batch the step it ends
+and the next prompt takes its row, shared prompt prefixes are computed once; greedy answers
+are those of one-at-a-time generation. Encoder-decoder models (and models the batcher does not
+take, see :func:`~medassist.batching.batching_problem`) use transformers' ``generate`` on
+batches sorted by prompt length and padded on the family's side. Results come back in the
+caller's order. The streaming API runs each answer in its own thread, or, once
+:meth:`Engine.serve_batched` is on (the server), as a row of one shared batch.
+
+``GenerationSettings.dtype = "bf16"`` (opt-in) generates with a bf16 copy of the weights
+(transformers' ``generate`` under bf16 autocast where the batcher does not apply).
 """
 
 from __future__ import annotations
@@ -80,13 +90,42 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 
 class Engine:
-    """Generates answers with one model and formatter; holds no per-request state."""
+    """Generates answers with one model and formatter; holds no per-request state.
 
-    def __init__(self, model, fmt: PromptFormat, family: ModelFamily) -> None:
+    ``batching``: decode the batch API's prompts by continuous batching where the model
+    allows (:func:`~medassist.batching.batching_problem`); False: transformers' ``generate``.
+    """
+
+    def __init__(self, model, fmt: PromptFormat, family: ModelFamily, batching: bool = True) -> None:
         self.model, self.fmt, self.family = model, fmt, family
         self.tokenizer = fmt.tokenizer
         self.device = model_device(model)
         self.stop_ids = stop_ids(model, fmt)
+        self.batching = batching
+        self.scheduler = None  # a BatchScheduler once serve_batched() is on
+
+    @property
+    def batching_problem(self) -> str | None:
+        """Why this model cannot be decoded by continuous batching (None when it can)."""
+        from medassist.batching import batching_problem
+
+        return batching_problem(self.model, self.family)
+
+    def serve_batched(self, max_rows: int) -> bool:
+        """Run :meth:`stream` requests as rows of one shared batch of ``max_rows`` rows (a
+        scheduler thread); False, with streams staying one thread each, where the model does
+        not allow it."""
+        from medassist.batching import BatchScheduler
+
+        problem = self.batching_problem
+        if problem is not None:
+            log.info("streams are not batched: %s", problem)
+            return False
+        if self.scheduler is None or self.scheduler.max_rows != max_rows:
+            if self.scheduler is not None:
+                self.scheduler.close()
+            self.scheduler = BatchScheduler(self, max_rows)
+        return True
 
     # -- the two rules ----------------------------------------------------------------
     def generation_config(self, settings: GenerationSettings):
@@ -137,14 +176,30 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings | None = None,
                  progress: Callable[[int], None] | None = None) -> list[Answer]:
-        """One answer per prompt, in input order; ``progress(n)`` after each batch."""
+        """One answer per prompt, in input order; ``progress(n)`` as ``n`` more are done."""
         settings = settings or GenerationSettings()
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        if not prompts:
+            return []
+        if self.batching and self.batching_problem is None:
+            from medassist.batching import generate_rows, language_model
+
+            model = None
+            if settings.dtype == "bf16":  # a bf16 copy: autocast would re-cast every weight at every step
+                model = copy.deepcopy(language_model(self.model)).to(torch.bfloat16)
+            rows = generate_rows(self, prompts, settings, progress, model)
+            return [self.finish(r.tokens, len(r.prompt), settings) for r in rows]
+        return self._generate_hf(prompts, settings, progress)
+
+    def _generate_hf(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings,
+                     progress: Callable[[int], None] | None = None) -> list[Answer]:
+        """transformers' ``generate`` on batches of ``batch_size`` prompts sorted by length."""
         out: list[Answer | None] = [None] * len(prompts)
         config = self.generation_config(settings)
         seeded = settings.do_sample and settings.seed is not None
-        with (torch.random.fork_rng(devices=[]) if seeded else nullcontext()), torch.inference_mode():
+        with (torch.random.fork_rng(devices=[]) if seeded else nullcontext()), torch.inference_mode(), \
+                self._autocast(settings):
             if seeded:
                 torch.manual_seed(settings.seed)
             order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))  # longest first
@@ -161,6 +216,11 @@ class Engine:
                     progress(len(batch))
         return out  # type: ignore[return-value]
 
+    def _autocast(self, settings: GenerationSettings):
+        if settings.dtype != "bf16":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     def answer(self, questions: Sequence[str], settings: GenerationSettings | None = None,
                progress: Callable[[int], None] | None = None,
                passages: Sequence[Sequence[Passage]] | None = None) -> list[Answer]:
@@ -170,8 +230,9 @@ class Engine:
     # -- streaming API (generate, chat, serve) ----------------------------------------
     def stream(self, prompt_ids: list[int], settings: GenerationSettings,
                sink: Callable[[Any], None] | None = None, on_finish: Callable[[], None] | None = None) -> "Stream":
-        """Start generating one answer in a worker thread (see :class:`Stream`)."""
-        return Stream(self, prompt_ids, settings, sink, on_finish)
+        """Start generating one answer: in a worker thread, or as a row of the shared batch
+        once :meth:`serve_batched` is on (see :class:`Stream`)."""
+        return Stream(self, prompt_ids, settings, sink, on_finish, scheduler=self.scheduler)
 
     def _run_stream(self, stream: "Stream") -> Answer:
         """Runs in the worker thread."""
@@ -179,7 +240,7 @@ class Engine:
         streamer = _Streamer(self.tokenizer, StopText(settings.stop), stream.sink)
         watch = _Cancel(stream.cancelled)
         inputs = {k: v.to(self.device) for k, v in self.fmt.collate_prompts([stream.prompt_ids]).items()}
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast(settings):
             sequences = self.model.generate(**inputs, generation_config=self.generation_config(settings),
                                             streamer=streamer, stopping_criteria=self.stopping_criteria(settings, watch))
         new = self.family.new_tokens(sequences, inputs["input_ids"].shape[1])[0].cpu().tolist()
@@ -255,17 +316,18 @@ END = object()  # what a Stream's sink receives last
 
 
 class Stream:
-    """One answer being generated in a worker thread.
+    """One answer being generated: in a worker thread, or as a row of a shared batch.
 
     Text pieces (already cut at stop strings) go to ``sink`` as they are decoded, then
     :data:`END`. Without a sink they go to an internal queue: iterate the Stream to get them
     (blocking). :meth:`cancel` stops generation at the next token; :meth:`result` waits for
-    the :class:`Answer`. ``on_finish`` runs in the worker when generation ends, whatever the
-    outcome (the server gives its slot back there).
+    the :class:`Answer`. ``on_finish`` runs when generation ends, whatever the outcome (the
+    server gives its slot back there), before the sink gets :data:`END`.
     """
 
     def __init__(self, engine: Engine, prompt_ids: list[int], settings: GenerationSettings,
-                 sink: Callable[[Any], None] | None = None, on_finish: Callable[[], None] | None = None) -> None:
+                 sink: Callable[[Any], None] | None = None, on_finish: Callable[[], None] | None = None,
+                 scheduler=None) -> None:
         self.prompt_ids, self.settings = prompt_ids, settings
         self.cancelled = threading.Event()
         self.answer: Answer | None = None
@@ -274,29 +336,68 @@ class Stream:
         self.sink = sink or self._queue.put
         self._on_finish = on_finish
         self._engine = engine
-        self._thread = threading.Thread(target=self._run, name="medassist-generate", daemon=True)
-        self._thread.start()
+        self._finished = threading.Event()
+        self._scheduler = scheduler
+        if scheduler is None:
+            self._thread = threading.Thread(target=self._run, name="medassist-generate", daemon=True)
+            self._thread.start()
+        else:
+            self._submit(scheduler)
 
     def _run(self) -> None:
         try:
-            self.answer = self._engine._run_stream(self)
+            answer, error = self._engine._run_stream(self), None
         except Exception as exc:  # noqa: BLE001 - reported to the consumer, never kills the server
             log.exception("generation failed")
-            self.error = exc
-        finally:
-            if self._on_finish is not None:
-                try:
-                    self._on_finish()
-                except Exception:  # noqa: BLE001
-                    log.exception("on_finish callback failed")
-            self.sink(END)
+            answer, error = None, exc
+        self._complete(answer, error)
+
+    def _submit(self, scheduler) -> None:
+        """A row of the scheduler's batch whose tokens go through the same streamer."""
+        from medassist.batching import make_row
+
+        engine, settings = self._engine, self.settings
+        streamer = _Streamer(engine.tokenizer, StopText(settings.stop), self.sink)
+        streamer.put(torch.tensor(self.prompt_ids))  # the prompt (skipped), as generate() sends it first
+
+        def on_token(token: int) -> None:
+            streamer.put(torch.tensor([token]))
+
+        def on_done(row) -> None:
+            if row.error is not None:
+                self._complete(None, row.error)
+                return
+            try:
+                streamer.end()
+                answer = engine.finish(row.tokens, len(row.prompt), settings, cancelled=row.was_cancelled)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("generation failed")
+                self._complete(None, exc)
+                return
+            self._complete(answer, None)
+
+        scheduler.submit(make_row(engine, self.prompt_ids, settings, on_token=on_token, on_done=on_done,
+                                  cancelled=self.cancelled))
+
+    def _complete(self, answer: Answer | None, error: BaseException | None) -> None:
+        self.answer, self.error = answer, error
+        if self._on_finish is not None:
+            try:
+                self._on_finish()
+            except Exception:  # noqa: BLE001
+                log.exception("on_finish callback failed")
+        self._finished.set()
+        self.sink(END)
 
     def cancel(self) -> None:
-        self.cancelled.set()
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            if self._scheduler is not None and not self._finished.is_set():
+                self._scheduler.wake()
 
     @property
     def done(self) -> bool:
-        return not self._thread.is_alive()
+        return self._finished.is_set()
 
     def __iter__(self) -> Iterator[str]:
         if self._queue is None:
@@ -307,7 +408,7 @@ class Stream:
             raise self.error
 
     def result(self, timeout: float | None = None) -> Answer:
-        self._thread.join(timeout)
+        self._finished.wait(timeout)
         if self.error is not None:
             raise self.error
         if self.answer is None:

@@ -127,6 +127,11 @@ class PromptFormat(ABC):
         """How to show an example: named rows of (token id, trained?)."""
 
     # -- shared -------------------------------------------------------------------------
+    def fit_passages(self, question: str, history: History = (), passages: Sequence[Passage] = ()
+                     ) -> list[Passage]:
+        """The sources that reach the model whole in :meth:`prompt_ids` (all, unless cut to fit)."""
+        return list(passages)
+
     def with_system_prompt(self, system_prompt: str | None) -> "PromptFormat":
         other = copy.copy(self)
         other.system_prompt = system_prompt or None
@@ -221,17 +226,22 @@ class DecoderOnlyFormat(PromptFormat):
         return ids
 
     # -- tokens -------------------------------------------------------------------------
+    def fit_passages(self, question: str, history: History = (), passages: Sequence[Passage] = ()
+                     ) -> list[Passage]:
+        """The sources :meth:`prompt_ids` keeps: over budget, they are dropped from the last."""
+        passages = list(passages)
+        if not self.truncate_prompt:
+            return passages
+        while passages and len(self._render(question, history, passages)) > self.max_prompt_tokens:
+            passages.pop()
+        return passages
+
     def prompt_ids(self, question: str, history: History = (), passages: Sequence[Passage] = ()) -> list[int]:
         """Prompt tokens. Over budget, sources are dropped from the last, then the question is
         cut (keeping the template around it)."""
-        passages = list(passages)
+        passages = self.fit_passages(question, history, passages)
         ids = self._render(question, history, passages)
-        if not self.truncate_prompt:
-            return ids
-        while len(ids) > self.max_prompt_tokens and passages:
-            passages.pop()
-            ids = self._render(question, history, passages)
-        if len(ids) <= self.max_prompt_tokens:
+        if not self.truncate_prompt or len(ids) <= self.max_prompt_tokens:
             return ids
         q_ids = self.text_ids(question)
         keep = max(0, self.max_prompt_tokens - (len(ids) - len(q_ids)))
@@ -281,6 +291,18 @@ class Seq2SeqFormat(PromptFormat):
         # the question first, so the tokenizer's truncation cuts sources, never the question
         text = self.source_prefix + question
         return f"{text}\n\n{sources_text(passages)}" if passages else text
+
+    def fit_passages(self, question: str, history: History = (), passages: Sequence[Passage] = ()
+                     ) -> list[Passage]:
+        """The sources whose whole text fits before the tokenizer's truncation cuts the source."""
+        passages = list(passages)
+        if not self.truncate_prompt:
+            return passages
+        while passages and len(self.tokenizer(self.prompt_text(question, passages=passages),
+                                              return_token_type_ids=False, split_special_tokens=True
+                                              ).input_ids) > self.max_source_length:
+            passages.pop()
+        return passages
 
     def prompt_ids(self, question: str, history: History = (), passages: Sequence[Passage] = ()) -> list[int]:
         # the tokenizer's own truncation keeps its closing special token (</s> or [SEP])

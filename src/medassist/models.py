@@ -374,7 +374,21 @@ def load_for_inference(ref: str) -> LoadedModel:
         return LoadedModel(model, AutoTokenizer.from_pretrained(path), family, None, source=ref)
     model, tok, family = load_pretrained(ref)
     model.eval()
-    return LoadedModel(model, tok, family, None, source=ref)
+    return LoadedModel(model, tok, family, _export_config(path), source=ref)
+
+
+def _export_config(folder: Path):
+    """The training config a ``medassist export`` folder carries (prompt format, system prompt,
+    lengths), so serving it builds the prompts it was trained with; None for other folders."""
+    info = folder / "medassist_export.json"
+    if not info.is_file():
+        return None
+    from medassist.config import TrainConfig
+
+    try:
+        return TrainConfig.model_validate(json.loads(info.read_text(encoding="utf-8"))["train_config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{info}: unreadable training config ({type(exc).__name__}); re-export the run") from None
 
 
 def list_presets() -> list[tuple[Preset, bool]]:

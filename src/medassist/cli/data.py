@@ -79,24 +79,63 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.model:
         overrides.append(f"model={args.model}")
+    if args.retrieval_index:
+        overrides += ["retrieval.enabled=true", f"retrieval.index={Path(args.retrieval_index).resolve()}"]
     cfg = load_config(args.config, overrides)
     _, tok, family = load_pretrained(cfg.model, cfg.model_type)
     fmt = family.make_format(tok, cfg)
+    splits = prepare_data(cfg.data, cfg.seed).splits if args.question is None or cfg.retrieval.enabled else None
     if args.question is not None:
+        from medassist.data import QAExample
+
         question, answer = args.question, args.answer or ""
+        examples, position = [QAExample(question, answer, row=0)], 0
     else:
-        train_rows = prepare_data(cfg.data, cfg.seed).splits["train"]
-        example = train_rows[min(args.index, len(train_rows) - 1)]
-        question, answer = example.question, example.answer
+        examples = splits["train"]
+        position = min(args.index, len(examples) - 1)
+        question, answer = examples[position].question, examples[position].answer
+    passages, note = [], ""
+    if cfg.retrieval.enabled:  # the passages this prompt carries in training
+        passages, note = _training_passages(cfg, splits, examples, position, training=args.question is None)
     color = sys.stdout.isatty() and not args.no_color
-    print(render_mask(fmt, question, answer, color=color))
-    enc = fmt.encode(question, answer)
+    print(render_mask(fmt, question, answer, color=color, passages=passages))
+    enc = fmt.encode(question, answer, passages)
     if enc is not None:
         print(f"\n{len(enc.input_ids)} input tokens, {enc.n_supervised} trained "
               f"(answer tokens{' + EOS' if enc.labels[-1] == fmt.eos_id else ', no EOS'}); "
               f"legend: {'green' if color else '[[...]]'} = trained, {'dim' if color else 'plain'} = masked"
               + ("; answer was cut to fit (EOS kept)" if enc.truncated else ""))
+    if cfg.retrieval.enabled:
+        kept = len(fmt.fit_passages(question, passages=passages))
+        print(f"retrieval: {note}; {kept} of {len(passages)} passages fit the prompt budget")
+        for i, p in enumerate(passages, 1):
+            print(f"  [{i}] {p.title} ({p.url or 'no url'}){'' if p.score is None else f', score {p.score:.3f}'}"
+                  + ("" if i <= kept else " (dropped to fit)"))
     return 0
+
+
+def _training_passages(cfg, splits, examples, position: int, training: bool):
+    """(passages, a note) for ``examples[position]``: as training gives them (own group excluded,
+    the seeded distractor share), or for a typed question, the top ``k`` above the threshold."""
+    from medassist.cli.common import say
+    from medassist.cli.index import _Bars
+    from medassist.retrieval.augment import open_index, retrieve_one
+
+    bars = _Bars()
+    try:
+        heldout = [*splits["validation"], *splits["test"]]
+        retriever = open_index(cfg.retrieval, Path(cfg.output_dir), splits["train"], heldout, cfg.data, bars, say)
+    finally:
+        bars.close()
+    rcfg = cfg.retrieval if training else cfg.retrieval.model_copy(update={"exclude_own_group": False})
+    found = retrieve_one(retriever, examples, position, rcfg, cfg.seed, distractors=training)
+    if found.distractor:
+        note = f"a distractor-only prompt (share {cfg.retrieval.distractor_share:g}): passages about other entities"
+    elif not found.hits:
+        note = "no passage scores at least the threshold: the prompt carries no sources"
+    else:
+        note = f"top {len(found.hits)} passages" + (", own question group excluded" if rcfg.exclude_own_group else "")
+    return found.passages(), note
 
 
 
@@ -127,5 +166,8 @@ def add_commands(sub) -> None:
     p.add_argument("--question", help="format this question instead of a training row")
     p.add_argument("--answer", help="answer for --question")
     p.add_argument("--no-color", action="store_true", help="mark trained tokens as [[...]]")
+    p.add_argument("--retrieval-index", dest="retrieval_index", metavar="INDEX_DIR",
+                   help="show the passages retrieved from this index in the prompt (as retrieval.enabled does "
+                   "with the config's index, or the training split indexed in OUTPUT_DIR/retrieval/index)")
     p.set_defaults(func=cmd_tokens)
 

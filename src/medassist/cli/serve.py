@@ -81,8 +81,9 @@ def add_serving_commands(subparsers) -> None:
         "serve", help="OpenAI-compatible HTTP API and a chat web page",
         description="Serve a model over HTTP: POST /v1/chat/completions (OpenAI-compatible, streaming "
                     "with stream: true), GET /v1/models, GET /health, and a chat page at /. "
-                    "Generation runs in worker threads; requests beyond --max-concurrency + --max-queue "
-                    "get 429 at once.",
+                    "Concurrent generations share forward passes (continuous batching: --max-concurrency "
+                    "rows; --no-batching runs one thread per generation); requests beyond "
+                    "--max-concurrency + --max-queue get 429 at once.",
     )
     _generation_options(p, server=True)
     _option(p, ServeConfig, "host")
@@ -94,6 +95,8 @@ def add_serving_commands(subparsers) -> None:
     for name in ("max_prompt_tokens", "max_tokens_limit", "max_concurrency", "max_queue", "max_body_bytes"):
         _option(p, ServeConfig, name, type=int, metavar="N")
     _option(p, ServeConfig, "queue_timeout_s", "--queue-timeout", type=float, metavar="SECONDS")
+    _option(p, ServeConfig, "batching", action=argparse.BooleanOptionalAction)
+    _option(p, ServeConfig, "max_batch_size", type=int, metavar="N")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (default: %(default)s)")
     p.set_defaults(func=cmd_serve)

@@ -41,15 +41,16 @@ def compare(model: SystemResult, baseline: SystemResult, *, resamples: int = 200
     return out
 
 
-def verdict_for(baseline: str, comparisons: Sequence[MetricComparison]) -> BaselineVerdict:
+def verdict_for(baseline: str, comparisons: Sequence[MetricComparison], label: str | None = None
+                ) -> BaselineVerdict:
     """The answer to "better than this baseline?" from its headline metrics."""
     mine = [c for c in comparisons if c.baseline == baseline and METRICS[c.metric].headline and c.n > 0]
     verdicts = {METRICS[c.metric].label: c.verdict for c in mine}
     verdict, reason = overall_verdict(verdicts)
     if mine and max(c.n for c in mine) < MIN_N:
         reason = f"only {max(c.n for c in mine)} questions; at least {MIN_N} are needed for a verdict"
-    return BaselineVerdict(baseline=baseline, label=BASELINE_LABELS.get(baseline, baseline), verdict=verdict,
-                           reason=reason, metrics=verdicts)
+    return BaselineVerdict(baseline=baseline, label=label or BASELINE_LABELS.get(baseline, baseline),
+                           verdict=verdict, reason=reason, metrics=verdicts)
 
 
 def breakdowns(metas: Sequence[dict[str, str]], systems: dict[str, SystemResult], *, resamples: int = 2000,

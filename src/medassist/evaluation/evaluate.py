@@ -20,6 +20,8 @@ import torch
 from medassist.config import EvalConfig, GenerationSettings
 from medassist.data import QAExample
 from medassist.engine import Engine
+from medassist.formatting import Passage
+from medassist.retrieval.augment import Retrieved, passages_of
 from medassist.evaluation.answers import answer_stats
 from medassist.evaluation.baselines import Embed, encoder_embed, nearest_training_answers
 from medassist.evaluation.compare import breakdowns, compare, verdict_for
@@ -27,7 +29,7 @@ from medassist.evaluation.metrics import (
     BertScorer, factual_consistency, factual_scorer_for, perplexity_and_accuracy, rouge_l, scorer_for,
 )
 from medassist.evaluation.results import (
-    BASELINE_LABELS, BaselineAnswer, DataInfo, EvalResult, ExampleRow, SystemResult,
+    BASELINE_LABELS, BaselineAnswer, DataInfo, EvalResult, ExampleRow, SourceRef, SystemResult,
 )
 
 # the means a training evaluation logs (eval_<key>)
@@ -61,16 +63,19 @@ def score_texts(name: str, texts: Sequence[str], examples: Sequence[QAExample], 
 
 def score_model(engine: Engine, examples: Sequence[QAExample], settings: GenerationSettings,
                 scorer: BertScorer, ppl_batch_size: int = 8, progress: ProgressFactory | None = None,
-                label: str = "model", factual=None, name: str = "model") -> SystemResult:
-    """Generate from the questions, score against the references, add perplexity/accuracy."""
+                label: str = "model", factual=None, name: str = "model",
+                passages: Sequence[Sequence[Passage]] | None = None) -> SystemResult:
+    """Generate from the questions (and each one's ``passages``, with retrieval), score against
+    the references, add perplexity/accuracy (of the references after the same prompts)."""
     examples = list(examples)
     started = time.perf_counter()
     update = progress(f"generating ({label})", len(examples)) if progress else None
-    answers = engine.answer([ex.question for ex in examples], settings, progress=update)
+    answers = engine.answer([ex.question for ex in examples], settings, progress=update, passages=passages)
     generation_s = time.perf_counter() - started
     started = time.perf_counter()
     result = score_texts(name, [a.text for a in answers], examples, scorer, factual)
-    ppl = perplexity_and_accuracy(engine.model, engine.fmt, engine.family, examples, ppl_batch_size)
+    ppl = perplexity_and_accuracy(engine.model, engine.fmt, engine.family, examples, ppl_batch_size,
+                                  passages=passages)
     hit = [a.hit_max_new_tokens for a in answers]
     result.per_example["log_perplexity"] = ppl["log_perplexity"]
     result.answers = answer_stats(result.generated, [ex.answer for ex in examples],
@@ -99,6 +104,8 @@ def evaluate_examples(
     train_examples: Sequence[QAExample] | None = None,
     embed: Embed | None = None,
     data: DataInfo | None = None,
+    retrieved: Sequence[Retrieved] | None = None,
+    retrieval_info: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Score the model on ``examples`` beside the baselines; compare it with each.
 
@@ -106,20 +113,31 @@ def evaluate_examples(
     (:func:`~medassist.evaluation.baselines.base_model_context`). ``train_examples``: what the
     nearest-training-answer baseline searches (none: that baseline is skipped, with a note).
     ``embed``: the question encoder of that baseline (default: ``eval.retrieval_encoder``).
+    ``retrieved``: each example's passages (:mod:`medassist.retrieval.augment`): the model and
+    the base model answer with them in the prompt, the same model also answers without them
+    (the ``no_retrieval`` system), and the result says how retrieval did
+    (:mod:`.grounding`; ``retrieval_info``: index, k, min_score, blocked passages).
     """
     ecfg = ecfg or EvalConfig()
     scorer = scorer or scorer_for(ecfg)
     factual = factual_scorer_for(ecfg)
     settings = ecfg.generation(seed=seed)
     examples = list(examples)
-    main = score_model(engine, examples, settings, scorer, ecfg.batch_size, progress, "model", factual)
+    passages = passages_of(retrieved)
+    main = score_model(engine, examples, settings, scorer, ecfg.batch_size, progress,
+                       "model" if passages is None else "model with retrieval", factual, passages=passages)
     baselines: dict[str, SystemResult] = {}
     notes: dict[str, str] = {}
+    if passages is not None:
+        baselines["no_retrieval"] = score_model(engine, examples, settings, scorer, ecfg.batch_size, progress,
+                                                "model without retrieval", factual, name="no_retrieval")
     if ecfg.baselines and base_model is not None:
         with base_model() as base_lm:
             baselines["base_model"] = score_model(Engine(base_lm, engine.fmt, engine.family), examples, settings,
                                                   scorer, ecfg.batch_size, progress, "base model", factual,
-                                                  name="base_model")
+                                                  name="base_model", passages=passages)
+        if passages is not None:
+            baselines["base_model"].label = "the base model with retrieval"
     elif ecfg.baselines:
         notes["base_model"] = base_model_note or "no separate base model: the evaluated model is the base"
     else:
@@ -143,8 +161,49 @@ def evaluate_examples(
     if train_examples is not None:
         data.train_examples = len(train_examples)
     settings_used = _settings(engine, ecfg, settings, scorer, factual, source, {"model": main, **baselines}, seed)
-    return assemble(examples, main, baselines, notes, resamples=ecfg.bootstrap_resamples, seed=seed, data=data,
-                    settings=settings_used)
+    grounding = None
+    if retrieved is not None:
+        grounding = _grounding(engine, examples, retrieved, {"model": main, **baselines}, factual,
+                               retrieval_info or {})
+        settings_used["retrieval"] = retrieval_info or {}
+    result = assemble(examples, main, baselines, notes, resamples=ecfg.bootstrap_resamples, seed=seed, data=data,
+                      settings=settings_used)
+    if retrieved is not None:
+        result.retrieval, in_prompt = grounding
+        for row, r, kept in zip(result.examples, retrieved, in_prompt):
+            row.sources = [SourceRef(title=h.title, url=h.url, score=h.score, focus=h.focus, in_prompt=j < kept,
+                                     relevant=_relevant(h, row.meta)) for j, h in enumerate(r.hits)]
+    return result
+
+
+def _grounding(engine: Engine, examples: list[QAExample], retrieved: Sequence[Retrieved],
+               systems: dict[str, SystemResult], factual, info: dict[str, Any]):
+    """Source support of each system that answered from these questions (added to its
+    per-example scores), and the RetrievalEval; returns it with the passages kept per prompt."""
+    from medassist.evaluation import grounding
+
+    in_prompt = [engine.fmt.fit_passages(ex.question, passages=r.passages()) for ex, r in zip(examples, retrieved)]
+    questions = [ex.question for ex in examples]
+    support = {}
+    for name in ("model", "no_retrieval", "base_model"):
+        if name in systems:
+            values = grounding.source_support(factual, systems[name].generated, in_prompt, questions)
+            systems[name].per_example["source_support"] = values
+            systems[name].source_support = _mean(values)
+            support[name] = values
+    kept = [len(p) for p in in_prompt]
+    summary = grounding.summarize(examples, retrieved, kept, support, index=str(info.get("index", "")),
+                                  k=int(info.get("k", 0)), min_score=float(info.get("min_score", 0.0)),
+                                  blocked=int(info.get("blocked_passages", 0)))
+    return summary, kept
+
+
+def _relevant(hit, meta: dict[str, str]) -> bool | None:
+    from medassist.evaluation.grounding import relevance
+
+    if not (meta.get("focus") or meta.get("url")):
+        return None
+    return any(relevance(hit, meta))
 
 
 def assemble(examples: Sequence[QAExample], main: SystemResult, baselines: dict[str, SystemResult],
@@ -153,11 +212,12 @@ def assemble(examples: Sequence[QAExample], main: SystemResult, baselines: dict[
     """The result from scored systems: paired comparisons with every baseline, one verdict per
     baseline, breakdowns by the examples' metadata, and the per-example rows."""
     comparisons = [c for b in baselines.values() for c in compare(main, b, resamples=resamples, seed=seed)]
+    labels = {name: b.label if b.label and b.label != name else None for name, b in baselines.items()}
     sources = (baselines["nearest_training_answer"].answer_source_rows if "nearest_training_answer" in baselines
                else [])
     return EvalResult(
         n_examples=len(examples), model=main, baselines=baselines, baseline_notes=notes or {},
-        verdicts=[verdict_for(name, comparisons) for name in baselines],
+        verdicts=[verdict_for(name, comparisons, labels[name]) for name in baselines],
         comparisons=comparisons,
         breakdowns=breakdowns([ex.meta for ex in examples], {"model": main, **baselines}, resamples=resamples,
                               seed=seed),

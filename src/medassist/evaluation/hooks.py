@@ -17,7 +17,7 @@ from medassist.evaluation.evaluate import METRIC_KEYS, evaluate_examples, format
 from medassist.evaluation.metrics import factual_scorer_for, scorer_for
 from medassist.evaluation.results import DataInfo
 from medassist.families import ModelFamily
-from medassist.formatting import PromptFormat
+from medassist.formatting import Passage, PromptFormat
 from medassist.rundir import RunDir
 
 
@@ -48,20 +48,25 @@ class _EvalMode:
 
 
 def make_training_evaluator(fmt: PromptFormat, family: ModelFamily, validation_examples: list[QAExample],
-                            cfg: TrainConfig) -> Callable[[Any], dict[str, float]]:
+                            cfg: TrainConfig, passages: Sequence[Sequence[Passage]] | None = None
+                            ) -> Callable[[Any], dict[str, float]]:
     """The generation metrics the trainer logs at each evaluation, on a fixed seeded subset.
 
     The subset (``cfg.eval.subset`` questions, seed ``cfg.seed``) is drawn once, so every
-    evaluation scores the same questions.
+    evaluation scores the same questions. ``passages``: each validation prompt's sources
+    (retrieval), aligned with ``validation_examples``.
     """
-    subset = seeded_subset(validation_examples, cfg.eval.subset, cfg.seed)
+    pairs = seeded_subset(list(zip(validation_examples, passages or [()] * len(validation_examples))),
+                          cfg.eval.subset, cfg.seed)
+    subset = [ex for ex, _ in pairs]
+    subset_passages = [list(p) for _, p in pairs] if passages is not None else None
     settings = cfg.eval.generation(seed=cfg.seed)
 
     def evaluate(model) -> dict[str, float]:
         scorer = scorer_for(cfg.eval)  # built on the first call, reused afterwards
         with _EvalMode(model):
             result = score_model(Engine(model, fmt, family), subset, settings, scorer, cfg.eval.batch_size,
-                                 factual=factual_scorer_for(cfg.eval))
+                                 factual=factual_scorer_for(cfg.eval), passages=subset_passages)
         keys = METRIC_KEYS + ("mean_generated_tokens", "hit_max_new_tokens")
         return {k: float(v) for k in keys if (v := result.metric(k)) is not None}
 
@@ -71,12 +76,15 @@ def make_training_evaluator(fmt: PromptFormat, family: ModelFamily, validation_e
 def evaluate_run_after_training(run: RunDir, model, fmt: PromptFormat, family: ModelFamily,
                                 test_examples: list[QAExample], cfg: TrainConfig, base_model_name: str | None,
                                 log: Callable[[str], None] = lambda _m: None,
-                                train_examples: Sequence[QAExample] | None = None) -> dict[str, Any]:
+                                train_examples: Sequence[QAExample] | None = None,
+                                sources=None) -> dict[str, Any]:
     """Score the final (best) model on the test split; write eval_test.json and report/.
 
     ``base_model_name``: what to load as the untuned baseline for a full fine-tune (a LoRA
     model is its own baseline with the adapter switched off). ``train_examples``: what the
     nearest-training-answer baseline searches; by default the run's ``splits/train.jsonl``.
+    ``sources``: the run's :class:`~medassist.retrieval.augment.RunSources` (retrieval runs):
+    the model answers with its passages, and also without them, for the comparison.
     Returns the JSON form of the :class:`~medassist.evaluation.results.EvalResult` (what
     eval_test.json holds; ``EvalResult.from_json`` makes it typed again).
     """
@@ -90,9 +98,11 @@ def evaluate_run_after_training(run: RunDir, model, fmt: PromptFormat, family: M
         f"(max_new_tokens {cfg.eval.max_new_tokens}{', with baselines' if cfg.eval.baselines else ''})")
     base = base_model_context(model, base_model_name)
     data = DataInfo(source=cfg.data.path, split="test", n_examples=len(test_examples))
+    retrieved = sources.lookup(test_examples) if sources is not None else None
     with _EvalMode(model):
         result = evaluate_examples(Engine(model, fmt, family), test_examples, cfg.eval, seed=cfg.seed,
-                                   base_model=base, source=str(run.path), train_examples=train_examples, data=data)
+                                   base_model=base, source=str(run.path), train_examples=train_examples, data=data,
+                                   retrieved=retrieved, retrieval_info=sources.info() if sources is not None else None)
     html = write_report(result, run.report_dir("test"), metrics_path=run.metrics_file,
                         title=f"medassist evaluation: {run.name} (test split)")
     result.report_html = str(html)

@@ -32,7 +32,7 @@ from medassist.data import QAExample
 from medassist.engine import model_device
 from medassist.errors import ConfigError, ModelError
 from medassist.families import ModelFamily
-from medassist.formatting import IGNORE_INDEX, PromptFormat
+from medassist.formatting import IGNORE_INDEX, Passage, PromptFormat
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,7 +182,8 @@ def rouge_l(candidates: Sequence[str], references: Sequence[str]) -> list[float]
 # ---------------------------------------------------------------------------------------
 # perplexity and token accuracy (teacher forcing, the training mask, the answer-only head)
 def perplexity_and_accuracy(model, fmt: PromptFormat, family: ModelFamily, examples: Sequence[QAExample],
-                            batch_size: int = 8, prune_head: bool | None = None) -> dict[str, Any]:
+                            batch_size: int = 8, prune_head: bool | None = None,
+                            passages: Sequence[Sequence[Passage]] | None = None) -> dict[str, Any]:
     """Perplexity and token accuracy of the reference answers, teacher forced.
 
     ``perplexity = exp(sum of -log p(token) / n)`` and ``token_accuracy = (argmax == token) / n``
@@ -191,11 +192,13 @@ def perplexity_and_accuracy(model, fmt: PromptFormat, family: ModelFamily, examp
     head (:meth:`ModelFamily.answer_logits`). Examples with no answer token within the length
     limits are skipped and counted; references cut to fit are counted (``references_cut``).
     ``log_perplexity`` is per example (mean NLL per answer token, None where skipped), in the
-    order of ``examples``: what paired comparisons of two models use.
+    order of ``examples``: what paired comparisons of two models use. ``passages``: each
+    prompt's sources (retrieval), aligned with ``examples``.
     """
     fmt = copy.copy(fmt)
     fmt.answer_truncation = "no_eos"  # a cut reference has no end to predict
-    encoded = [fmt.encode(ex.question, ex.answer) for ex in examples]
+    passages = passages if passages is not None else [()] * len(examples)
+    encoded = [fmt.encode(ex.question, ex.answer, p) for ex, p in zip(examples, passages)]
     kept = [i for i, e in enumerate(encoded) if e is not None]
     features = [{"input_ids": encoded[i].input_ids, "labels": encoded[i].labels} for i in kept]
     per_example: list[float | None] = [None] * len(examples)

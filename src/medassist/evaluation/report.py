@@ -104,6 +104,14 @@ def notes(result: EvalResult) -> list[str]:
     if result.model.references_cut:
         out.append(f"{result.model.references_cut} of {result.n_examples} reference answers were longer than the "
                    "length limit and were cut for perplexity (the cut part and no made-up end are scored).")
+    r = result.retrieval
+    if r is not None and r.mean_passages - r.mean_passages_in_prompt > 0.05:
+        out.append(f"Prompts carried {r.mean_passages_in_prompt:.2f} of the {r.mean_passages:.2f} passages retrieved "
+                   "per question: the rest did not fit max_length * max_prompt_fraction (raise them to give the "
+                   "model its sources).")
+    if r is not None and r.own_reference_hits:
+        out.append(f"{r.own_reference_hits} prompts carried the question's own row: its reference leaked into "
+                   "its prompt, and these scores overstate the model.")
     if result.data.train_overlap:
         out.append(f"{result.data.train_overlap} of the {result.n_examples} evaluated questions also occur in the "
                    "run's training split: those are not unseen questions.")
@@ -119,7 +127,7 @@ def write_examples_csv(result: EvalResult, path: Path) -> None:
     names = list(result.baselines)
     metrics = [k for k in METRICS if any(k in r.scores for r in result.examples)]
     columns = ["row", "question", "reference", *result_meta_columns(result), "generated", "generated_tokens",
-               "hit_max_new_tokens", *metrics]
+               "hit_max_new_tokens", *metrics] + (["sources"] if result.retrieval is not None else [])
     for name in names:
         columns += [f"{name}_answer", *(f"{name}_{k}" for k in metrics)]
     with open(path, "w", encoding="utf-8", newline="") as handle:
@@ -128,7 +136,8 @@ def write_examples_csv(result: EvalResult, path: Path) -> None:
         for r in result.examples:
             line = {"row": r.row, "question": r.question, "reference": r.reference, **r.meta,
                     "generated": r.generated, "generated_tokens": r.generated_tokens,
-                    "hit_max_new_tokens": r.hit_max_new_tokens, **r.scores}
+                    "hit_max_new_tokens": r.hit_max_new_tokens, **r.scores,
+                    "sources": "; ".join(f"{s.title} ({s.url})" if s.url else s.title for s in r.sources)}
             for name, b in r.baselines.items():
                 line[f"{name}_answer"] = b.text
                 line.update({f"{name}_{k}": v for k, v in b.scores.items()})
@@ -165,11 +174,13 @@ def write_report(result: EvalResult, out_dir: Path, metrics_path: Path | None = 
         created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         result=result, settings=result.settings, bert=result.settings.get("bertscore") or {},
         gen=result.settings.get("generation") or {}, data=result.data,
-        flag=retrieval_flag(result), notes=notes(result), metrics=METRICS, labels=BASELINE_LABELS,
+        flag=retrieval_flag(result), notes=notes(result), metrics=METRICS,
+        labels={**BASELINE_LABELS, **{v.baseline: v.label for v in result.verdicts}},
         systems=systems, mean_rows=[row for row in MEAN_ROWS if any(s.metric(row[0]) is not None for s in systems)],
         answer_rows=ANSWER_ROWS, plots=plots, k=k,
         best=list(reversed(ranked[-k:])) if rows else [], worst=ranked[:k] if rows else [], rows=rows,
-        example_baselines=[n for n in ("base_model", "nearest_training_answer") if n in result.baselines],
+        example_baselines=[n for n in ("no_retrieval", "base_model", "nearest_training_answer", "other_run")
+                           if n in result.baselines],
         settings_json=_json(result.settings),
     )
     path = out_dir / "report.html"

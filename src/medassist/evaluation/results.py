@@ -3,7 +3,8 @@
 An :class:`EvalResult` holds the evaluated model and each baseline as a :class:`SystemResult`,
 the paired comparisons of the model with every baseline (:class:`MetricComparison`), one
 :class:`BaselineVerdict` per baseline ("better than the base model: yes / no / can't tell"),
-breakdowns by question type and source, and the examples. :meth:`EvalResult.to_json` is plain
+breakdowns by question type and source, the examples, and for a model that answers from
+retrieved sources, how retrieval did (:class:`RetrievalEval`). :meth:`EvalResult.to_json` is plain
 JSON (no NaN or infinity: a missing number is ``null``); :meth:`EvalResult.from_json` reads it
 back.
 """
@@ -41,9 +42,13 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
     Metric("bertscore_precision", "BERTScore precision", True, False, "how much of the answer the reference supports"),
     Metric("bertscore_recall", "BERTScore recall", True, False, "how much of the reference the answer covers"),
     Metric("rouge_l", "ROUGE-L", True, False, "longest common word subsequence, F-measure"),
+    Metric("source_support", "support by the sources", True, False,
+           "factual consistency of the answer with the retrieved passages in its prompt (retrieval runs; "
+           "questions with a source only)"),
 )}
 BASELINE_LABELS = {
     "base_model": "the base model",
+    "no_retrieval": "the same model without retrieval",
     "nearest_training_answer": "the nearest training question's answer",
     "repeat_question": "repeating the question",
 }
@@ -65,6 +70,7 @@ class SystemResult(_Model):
     bertscore_f1: float | None = None
     rouge_l: float | None = None
     factual_consistency: float | None = None
+    source_support: float | None = None  # retrieval: mean over questions with a source
     perplexity: float | None = None  # pooled: exp(total NLL / total answer tokens)
     token_accuracy: float | None = None
     answer_tokens: int | None = None
@@ -137,6 +143,48 @@ class BaselineAnswer(_Model):
     source_row: int | None = None  # retrieval baseline: the training row whose answer this is
 
 
+class SourceRef(_Model):
+    """A retrieved passage that an evaluated prompt carried (or would have, before the length budget)."""
+
+    title: str
+    url: str = ""
+    score: float | None = None
+    focus: str = ""
+    in_prompt: bool = True  # False: dropped to fit the prompt budget
+    relevant: bool | None = None  # shares the question's focus or url (None: the question has neither)
+
+
+class RetrievalEval(_Model):
+    """How retrieval did on the evaluated questions, and how far answers follow their sources.
+
+    ``recall_at_k``: share of the questions with focus/url metadata (``n_labelled``) whose
+    prompt carried a passage about the same focus or from the same url (``_focus``/``_url``:
+    each alone). ``source_support``/``supported_share``: per system, the mean factual
+    consistency of its answers with the passages in the prompt, and the share at or above
+    ``support_threshold``, over the ``with_source`` questions that had a passage.
+    ``own_reference_hits`` counts prompts that carried the question's own row (its question
+    group or its reference text): it must be 0.
+    """
+
+    index: str
+    k: int
+    min_score: float
+    variant: str
+    n_examples: int
+    with_source: int
+    mean_passages: float
+    mean_passages_in_prompt: float
+    n_labelled: int
+    recall_at_k: float | None = None
+    recall_focus_at_k: float | None = None
+    recall_url_at_k: float | None = None
+    support_threshold: float
+    source_support: dict[str, float | None] = Field(default_factory=dict)
+    supported_share: dict[str, float | None] = Field(default_factory=dict)
+    blocked_passages: int = 0
+    own_reference_hits: int = 0
+
+
 class ExampleRow(_Model):
     index: int
     row: int
@@ -148,6 +196,7 @@ class ExampleRow(_Model):
     hit_max_new_tokens: bool | None = None
     scores: dict[str, float | None]
     baselines: dict[str, BaselineAnswer] = Field(default_factory=dict)
+    sources: list[SourceRef] = Field(default_factory=list)  # retrieval: the passages of its prompt
 
 
 class DataInfo(_Model):
@@ -170,6 +219,7 @@ class EvalResult(_Model):
     data: DataInfo = Field(default_factory=DataInfo)
     settings: dict[str, Any] = Field(default_factory=dict)
     examples: list[ExampleRow] = Field(default_factory=list)
+    retrieval: RetrievalEval | None = None
     report_html: str | None = None
 
     def systems(self) -> dict[str, SystemResult]:

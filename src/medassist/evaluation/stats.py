@@ -105,15 +105,24 @@ def paired_difference(model: Sequence[float | None], baseline: Sequence[float | 
     )
 
 
+ANSWER_METRICS = ("factual consistency", "BERTScore F1")  # metrics of the generated answers
+
+
 def overall_verdict(verdicts: dict[str, Verdict]) -> tuple[Verdict, str]:
     """One answer from several metrics' verdicts, and why.
 
-    ``yes`` when at least one metric says yes and none says no; ``no`` when at least one says no
+    ``yes`` when at least one metric says yes and none says no, and, where answer metrics
+    (:data:`ANSWER_METRICS`) were compared, one of them is among the better ones; ``no`` when at least one says no
     and none says yes; otherwise ``can't tell`` (no clear difference, or better on some metrics
     and worse on others, which the reason names).
     """
     better = [m for m, v in verdicts.items() if v == "yes"]
     worse = [m for m, v in verdicts.items() if v == "no"]
+    answers_judged = [m for m in verdicts if m in ANSWER_METRICS]
+    if better and not worse and answers_judged and not set(better) & set(ANSWER_METRICS):
+        # perplexity scores the reference answers, not what the model says: alone it is no win
+        return "can't tell", (f"only {', '.join(better)} improved; the generated answers are not measurably "
+                              f"better ({', '.join(answers_judged)})")
     if better and not worse:
         return "yes", f"better on {', '.join(better)}; worse on none"
     if worse and not better:

@@ -15,10 +15,11 @@ Variants (``Retriever.search(..., variant=...)``); each scores *every* passage e
   score stays cosine-like, so one threshold separates "no source".
 
 Hits are deduplicated by url (a page is cited once, by its best passage), passages of
-``exclude_groups`` (question keys) are never returned, and hits scoring below ``min_score`` are
-dropped, so an empty list means "no source found". The default variant, its weight and the
-thresholds (:data:`DEFAULT_VARIANT`, :data:`ENTITY_WEIGHT`, :data:`THRESHOLDS`) were chosen on a
-development half of MedQuAD's held-out questions and checked on the other half: docs/retrieval.md.
+``exclude_groups`` (question keys) and :meth:`Retriever.block`-ed passages are never returned,
+and hits scoring below ``min_score`` are dropped, so an empty list means "no source found".
+The default variant, its weight and the thresholds (:data:`DEFAULT_VARIANT`,
+:data:`ENTITY_WEIGHT`, :data:`THRESHOLDS`) were chosen on a development half of MedQuAD's
+held-out questions and checked on the other half: docs/retrieval.md.
 (Other variants' thresholds are their best "no source" F1 there; entity's 0.80 sits at the low
 end of its F1 plateau, 0.80-0.86, because hand-written questions score lower than templated ones.)
 """
@@ -76,6 +77,8 @@ class Retriever:
         self.titles, self.bm25, self._encoder = titles, bm25, encoder
         self.entity_weight = entity_weight
         self.strict_templates = True
+        # passages never returned by any search (held-out rows of an evaluation: block())
+        self.blocked: np.ndarray | None = None
         self.title_ids = passages["title_id"].to_numpy()
         codes, uniques = pd.factorize(passages["group"])
         self.group_codes = codes
@@ -180,6 +183,11 @@ class Retriever:
         return out
 
     # ------------------------------------------------------------------ search
+    def block(self, mask: np.ndarray | None) -> int:
+        """Never return the passages where ``mask`` is True (None lifts the block); returns how many."""
+        self.blocked = None if mask is None or not mask.any() else np.asarray(mask, dtype=bool)
+        return 0 if self.blocked is None else int(self.blocked.sum())
+
     def exclusion_mask(self, groups: Iterable[str]) -> np.ndarray | None:
         codes = [self.group_index[k] for k in {question_key(g) for g in groups} if k in self.group_index]
         return np.isin(self.group_codes, codes) if codes else None
@@ -216,6 +224,8 @@ class Retriever:
         mask = self.exclusion_mask(exclude_groups)
         if mask is not None:
             scores[mask] = -np.inf
+        if self.blocked is not None:
+            scores[self.blocked] = -np.inf
         if min_score is not None:
             scores[scores < min_score] = -np.inf
         hits: list[Hit] = []

@@ -12,6 +12,7 @@ are :mod:`~medassist.serving.limits`; answers come from a :class:`Backend` (the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import html
 import logging
@@ -49,7 +50,9 @@ log = logging.getLogger("medassist.serving")
 
 
 class Backend(Protocol):
-    """What the server needs of a generator: the Assistant today, a batching engine later."""
+    """What the server needs of a generator: the :class:`Assistant` (whose generations are
+    rows of one continuous batch when ``ServeConfig.batching`` is on). ``close()``, where a
+    backend has it, runs when the app shuts down."""
 
     def prompt_ids(self, question: str, history: Sequence[tuple[str, str]] = (),
                    system_prompt: str | None = None) -> list[int]: ...
@@ -334,12 +337,25 @@ def create_app(loaded=None, settings: ServeConfig | None = None, assistant: Back
     """The FastAPI app serving ``loaded`` (a :class:`~medassist.models.LoadedModel`), or a ready
     ``assistant`` (any :class:`Backend`)."""
     settings = settings or ServeConfig()
-    backend = assistant or Assistant(loaded, settings.system_prompt, settings.max_prompt_tokens)
+    # with batching, every admitted generation (max_concurrency) is a row of one batch
+    rows = (settings.max_batch_size or settings.max_concurrency) if settings.batching else None
+    backend = assistant or Assistant(loaded, settings.system_prompt, settings.max_prompt_tokens, batch_rows=rows)
     model_id = settings.model_name or getattr(loaded, "source", "") or "medassist"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        try:
+            yield
+        finally:
+            close = getattr(backend, "close", None)
+            if callable(close):
+                close()
+
     app = FastAPI(
         title="medassist", version=medassist.__version__,
         description="OpenAI-compatible chat completions for a medical question-answering model. " + DISCLAIMER,
         docs_url=None, redoc_url=None,  # their pages load scripts from a CDN; the schema stays at /openapi.json
+        lifespan=lifespan,
     )
     app.state.server = Server(backend, settings, model_id,
                               Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout_s))

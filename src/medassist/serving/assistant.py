@@ -3,7 +3,8 @@
 It builds prompts with the family's formatter (the one the model was trained with, with the
 system prompt of the run), keeps a conversation within the model's context, checks lengths
 before anything runs, and generates through the one engine (:mod:`medassist.engine`), so an
-answer here is the answer ``evaluate`` scores. No I/O.
+answer here is the answer ``evaluate`` scores. With ``batch_rows``, concurrent generations
+are rows of one continuous batch (:mod:`medassist.batching`). No I/O.
 """
 
 from __future__ import annotations
@@ -48,23 +49,27 @@ def sampling(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
 class Assistant:
     """Answers questions with one model.
 
-    ``system_prompt``: None keeps the run's own system prompt, or, when it has none and the
-    model uses a chat template, :data:`DEFAULT_SYSTEM_PROMPT` (plain-template runs keep none,
-    as they were trained); a string replaces it ("" removes it). Families whose chats keep no
+    ``system_prompt``: None keeps exactly the prompt the model was trained with (a run's, or an
+    export's, even when that is none: the template's own default then applies, as it did in
+    training); a model medassist did not train (a preset or hub model with a chat template)
+    gets :data:`DEFAULT_SYSTEM_PROMPT`. A string replaces it ("" removes it). Families whose chats keep no
     history (encoder-decoder) answer each question on its own, without a system prompt.
     """
 
-    def __init__(self, loaded: LoadedModel, system_prompt: str | None = None, max_prompt_tokens: int = 1024) -> None:
+    def __init__(self, loaded: LoadedModel, system_prompt: str | None = None, max_prompt_tokens: int = 1024,
+                 batch_rows: int | None = None) -> None:
         self.loaded, self.family = loaded, loaded.family
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         fmt = loaded.format(truncate_prompt=False)  # serving checks lengths itself: an error, not a cut
         if system_prompt is not None:
             fmt = fmt.with_system_prompt(system_prompt)
-        elif fmt.system_prompt is None and fmt.uses_chat_template:
+        elif loaded.config is None and fmt.system_prompt is None and fmt.uses_chat_template:
             fmt = fmt.with_system_prompt(DEFAULT_SYSTEM_PROMPT)
         self.fmt = fmt
         self.engine = loaded.engine(fmt)
+        # with batch_rows, generations are rows of one shared batch (where the model allows)
+        self.batched = bool(batch_rows) and self.engine.serve_batched(batch_rows)
         # fast tokenizers reconfigure themselves per call; concurrent encodes can collide
         self._encode_lock = threading.Lock()
 
@@ -108,8 +113,14 @@ class Assistant:
     # -- generation ---------------------------------------------------------------------
     def start(self, prompt_ids: list[int], settings: GenerationSettings, sink: Callable[[Any], None] | None = None,
               on_finish: Callable[[], None] | None = None) -> Stream:
-        """Start generating in a worker thread (see :class:`~medassist.engine.Stream`)."""
+        """Start generating: a row of the shared batch, or a worker thread (see
+        :class:`~medassist.engine.Stream`)."""
         return self.engine.stream(prompt_ids, settings, sink, on_finish)
+
+    def close(self) -> None:
+        """Stop the batch scheduler's thread, if there is one (it ends once its rows are done)."""
+        if self.engine.scheduler is not None:
+            self.engine.scheduler.close()
 
     def stream(self, question: str, history: Sequence[tuple[str, str]] = (),
                settings: GenerationSettings | None = None) -> Stream:

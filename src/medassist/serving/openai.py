@@ -5,7 +5,9 @@
   ``stream: "yes"`` are errors, never coerced; unknown fields are ignored, since OpenAI clients
   send many this server does not use);
 - responses: :class:`ChatCompletion`, :class:`ChatCompletionChunk` (server-sent events),
-  :class:`ModelList`; the routes return these very models;
+  :class:`ModelList`; the routes return these very models. A server with an index adds
+  ``sources`` (and ``sources_note``) to a completion, and streams them in the last chunk before
+  ``[DONE]``, which has no choices (with the usage when asked for; :class:`_Grounded`);
 - errors: :class:`APIError`, answered as OpenAI does, ``400 {"error": {"message", "type",
   "param", "code"}}``, so OpenAI clients show the message;
 - :func:`conversation`: OpenAI messages -> system prompt, history and question.
@@ -204,6 +206,38 @@ def finish_reason(answer: Answer) -> FinishReason:
     return "length" if answer.finish_reason == "length" else "stop"
 
 
+class SourceItem(BaseModel):
+    """A source the answer used (medassist's ``sources`` field, beside OpenAI's)."""
+
+    index: int = Field(description="The source's number [n] in the model's prompt.")
+    title: str
+    url: str = Field(description="The page the passage came from (may be empty).")
+    score: float | None = Field(None, description="Relevance score of the retrieval (cosine-like, 0-1).")
+
+
+def _sources(grounding) -> list[SourceItem]:
+    return [SourceItem(index=s.id, title=s.title, url=s.url, score=s.score) for s in grounding.sources]
+
+
+class _Grounded(BaseModel):
+    """``sources`` and ``sources_note``: present only when the server answers from an index.
+
+    ``sources`` lists the retrieved passages the answer used (title, url); ``[]`` with a
+    ``sources_note`` when no source was relevant enough or the answer used none. OpenAI clients
+    keep unknown fields: ``completion.sources`` / ``completion.model_extra["sources"]`` in the
+    official Python client.
+    """
+
+    sources: list[SourceItem] | None = Field(None, description="Sources the answer used (servers with an index).")
+    sources_note: str | None = Field(None, description="Why no source is listed (servers with an index).")
+
+    @model_serializer(mode="wrap")
+    def _grounding_if_any(self, handler):  # last, and only when there is an index
+        data = handler(self)
+        extra = {k: data.pop(k, None) for k in ("sources", "sources_note")}
+        return {**data, **{k: v for k, v in extra.items() if v is not None}}
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -215,7 +249,7 @@ class Choice(BaseModel):
     finish_reason: FinishReason
 
 
-class ChatCompletion(BaseModel):
+class ChatCompletion(_Grounded):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -239,7 +273,10 @@ class ChunkChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Grounded):
+    """A streamed event; with an index, the last one before ``[DONE]`` has no choice and carries
+    the ``sources`` (and the usage, when asked for: :meth:`Reply.final_chunk`)."""
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -256,10 +293,22 @@ class Reply:
     created: int
     model: str
 
-    def completion(self, answer: Answer) -> ChatCompletion:
+    def completion(self, answer: Answer, grounding=None) -> ChatCompletion:
+        """The whole answer; ``grounding`` (:class:`~medassist.serving.sources.Grounding`) adds its sources."""
+        extra = {} if grounding is None else {"sources": _sources(grounding), "sources_note": grounding.note}
         return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=Usage.of(answer),
                               choices=[Choice(message=AssistantMessage(content=answer.text),
-                                              finish_reason=finish_reason(answer))])
+                                              finish_reason=finish_reason(answer))], **extra)
+
+    def final_chunk(self, answer: Answer, include_usage: bool, grounding=None) -> ChatCompletionChunk | None:
+        """The last chunk before ``[DONE]``, without choices: the usage (when asked for) and the
+        sources (with an index), in one chunk, so a client that reads the usage from the last
+        chunk still finds it there; None when there is neither."""
+        if not include_usage and grounding is None:
+            return None
+        extra = {} if grounding is None else {"sources": _sources(grounding), "sources_note": grounding.note}
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
+                                   usage=Usage.of(answer) if include_usage else None, **extra)
 
     def chunk(self, delta: Delta, finish: FinishReason | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,

@@ -25,10 +25,10 @@ from transformers import set_seed
 
 from medassist.config import TrainConfig
 from medassist.data import PreparedData, QAExample, prepare_data, write_splits
-from medassist.distributed import is_main_process, run_on_main_process
+from medassist.distributed import is_main_process, run_on_main_process, world_size
 from medassist.errors import ConfigError, TrainingInterrupted
 from medassist.families import ModelFamily
-from medassist.formatting import PromptFormat
+from medassist.formatting import Passage, PromptFormat
 from medassist.models import load_pretrained
 from medassist.rundir import RunDir
 from medassist.training.checkpoints import (
@@ -89,10 +89,11 @@ def train(
     log(f"data {m.source}: {m.rows_read} rows read, {m.rows_kept} kept, dropped {m.dropped}; "
         f"splits {m.rows_per_split}")
 
-    # 3. data -> tensors
+    # 3. data -> tensors (with retrieval: each prompt carries its retrieved passages)
     fmt = family.make_format(tokenizer, cfg)
-    train_tok = tokenize_examples(fmt, family, data.splits["train"])
-    val_tok = tokenize_examples(fmt, family, data.splits["validation"])
+    sources = retrieval_sources(cfg, run, data, log)
+    train_tok = tokenize_examples(fmt, family, data.splits["train"], sources and sources.passages("train"))
+    val_tok = tokenize_examples(fmt, family, data.splits["validation"], sources and sources.passages("validation"))
     if not train_tok.features:
         raise ConfigError("no training example has an answer token within the length limits")
     val_loss_rows = validation_loss_subset(val_tok.features, cfg)
@@ -101,7 +102,10 @@ def train(
         f"token; validation loss on {len(val_loss_rows)} of {len(val_tok.features)} validation examples")
 
     # 4. fit
-    trainer = build_trainer(cfg, run, model, tokenizer, family, fmt, precision, train_tok, val_loss_rows, data)
+    if sources is not None:
+        log(f"passages in training prompts after the length budget: {train_tok.passages_line()}")
+    trainer = build_trainer(cfg, run, model, tokenizer, family, fmt, precision, train_tok, val_loss_rows, data,
+                            sources)
     setup_seconds = time.perf_counter() - start
     fitted = fit(trainer, checkpoint, run, log)
 
@@ -116,6 +120,8 @@ def train(
               "eval": trainer.seconds["eval"], "generation": trainer.seconds["generation"],
               "save": time.perf_counter() - saving, "report": 0.0}
     summary = run_summary(cfg, trainer, fitted, final_eval, precision, train_tok, val_tok, val_loss_rows, timing)
+    if sources is not None:
+        summary["retrieval"] = sources.summary(train_tok)
     write_summary(trainer, run, summary, start)
 
     # 6. evaluate the test split
@@ -127,7 +133,8 @@ def train(
         # rank 0 evaluates the whole test split (same numbers as one process); the others wait
         base_name = None if uses_lora(cfg, family) else cfg.model
         result.report = run_on_main_process(lambda: evaluate_run_after_training(
-            run, trainer.model, fmt, family, _test_subset(data.splits["test"], cfg), cfg, base_name, log))
+            run, trainer.model, fmt, family, _test_subset(data.splits["test"], cfg), cfg, base_name, log,
+            sources=sources))
         timing["report"] = time.perf_counter() - reporting
         write_summary(trainer, run, summary, start)
     log(f"trained {steps_line(summary)} in {fitted.wall:.1f} s "
@@ -178,6 +185,33 @@ def setup_run(cfg: TrainConfig, resuming: bool = False) -> tuple[Path, PreparedD
     return run.path, data
 
 
+def retrieval_sources(cfg: TrainConfig, run: RunDir, data: PreparedData, log: Callable[[str], None]):
+    """With ``retrieval.enabled``: the run's index and every split's passages
+    (:mod:`medassist.retrieval.augment`, cached in ``RUN/retrieval/``); else None."""
+    if not cfg.retrieval.enabled:
+        return None
+    from medassist.retrieval.augment import run_sources
+
+    progress = _quarters(log)
+    if world_size() == 1:
+        return run_sources(cfg, run.path, data.splits, log, progress)
+    run_on_main_process(lambda: run_sources(cfg, run.path, data.splits, log, progress) and None)  # rank 0 builds
+    return run_sources(cfg, run.path, data.splits)  # every rank opens the index and the cache rank 0 wrote
+
+
+def _quarters(log: Callable[[str], None]) -> Callable[[str, int, int], None]:
+    """A progress callback that logs each stage of the index build at 25, 50, 75 and 100%."""
+    shown: dict[str, int] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        quarter = 4 * done // max(1, total)
+        if total >= 1000 and quarter > shown.get(stage, 0):
+            shown[stage] = quarter
+            log(f"retrieval: {stage} {done}/{total}")
+
+    return progress
+
+
 def _check_same_data(old: dict[str, Any] | None, new: PreparedData) -> None:
     """A resumed run must see the data it started with, or the skipped batches are others."""
     if old is None:
@@ -223,16 +257,31 @@ class TokenizedSplit:
     features: list[dict[str, Any]]
     dropped_no_answer_tokens: int = 0
     truncated: int = 0
+    passages_given: list[int] = field(default_factory=list)  # with retrieval: per example, retrieved
+    passages_kept: list[int] = field(default_factory=list)  # ... and left in the prompt by the length budget
 
     @property
     def supervised_tokens(self) -> int:
         return sum(f["n_supervised"] for f in self.features)
 
+    def passages_line(self) -> str:
+        n = max(1, len(self.passages_kept))
+        dropped = sum(self.passages_given) - sum(self.passages_kept)
+        return (f"{sum(self.passages_kept) / n:.2f} per prompt ({dropped} of {sum(self.passages_given)} retrieved "
+                "passages dropped to fit max_length * max_prompt_fraction)")
 
-def tokenize_examples(fmt: PromptFormat, family: ModelFamily, examples: list[QAExample]) -> TokenizedSplit:
+
+def tokenize_examples(fmt: PromptFormat, family: ModelFamily, examples: list[QAExample],
+                      passages: list[list[Passage]] | None = None) -> TokenizedSplit:
+    """Input ids and the answer-only labels of each example; ``passages``: the sources each
+    prompt carries (retrieval), aligned with ``examples``."""
     out = TokenizedSplit(features=[])
-    for ex in examples:
-        enc = fmt.encode(ex.question, ex.answer)
+    for i, ex in enumerate(examples):
+        sources = passages[i] if passages is not None else ()
+        if passages is not None:
+            out.passages_given.append(len(sources))
+            out.passages_kept.append(len(fmt.fit_passages(ex.question, passages=sources)))
+        enc = fmt.encode(ex.question, ex.answer, sources)
         if enc is None:
             out.dropped_no_answer_tokens += 1
             continue
@@ -273,12 +322,13 @@ def _test_subset(rows: list[QAExample], cfg: TrainConfig) -> list[QAExample]:
 # 4. fit
 def build_trainer(cfg: TrainConfig, run: RunDir, model, tokenizer, family: ModelFamily, fmt: PromptFormat,
                   precision: str, train_tok: TokenizedSplit, val_loss_rows: list[dict[str, Any]],
-                  data: PreparedData) -> MedassistTrainer:
+                  data: PreparedData, sources=None) -> MedassistTrainer:
     generation_eval = None
     if cfg.eval.generation_metrics and cfg.eval.subset > 0 and data.splits["validation"]:
         from medassist.evaluation import make_training_evaluator
 
-        generation_eval = make_training_evaluator(fmt, family, data.splits["validation"], cfg)
+        generation_eval = make_training_evaluator(fmt, family, data.splits["validation"], cfg,
+                                                  sources and sources.passages("validation"))
     trainer = MedassistTrainer(
         model=model,
         args=training_arguments(cfg, run.path, precision, has_eval=bool(val_loss_rows)),

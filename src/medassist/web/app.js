@@ -37,12 +37,60 @@ function addMessage(role, text) {
   const body = document.createElement("div");
   body.className = "body";
   body.textContent = text;
+  const sources = document.createElement("div");
+  sources.className = "sources";
+  sources.hidden = true;
   const meta = document.createElement("div");
   meta.className = "meta";
-  wrap.append(who, body, meta);
+  wrap.append(who, body, sources, meta);
   $("log").appendChild(wrap);
   scrollDown();
-  return { wrap, body, meta };
+  return { wrap, body, sources, meta };
+}
+
+// Only absolute http(s) URLs become links; anything else (javascript:, data:, relative) stays text.
+function safeUrl(url) {
+  try {
+    const parsed = new URL(String(url));
+    return parsed.protocol === "https:" || parsed.protocol === "http:" ? parsed.href : null;
+  } catch (_) {
+    return null;
+  }
+}
+
+// The sources an answer used (the server's "sources" field), as links under the answer; or its note.
+function showSources(view, sources, note) {
+  view.sources.replaceChildren();
+  if (Array.isArray(sources) && sources.length) {
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = "Sources:";
+    const list = document.createElement("ol");
+    for (const source of sources) {
+      const item = document.createElement("li");
+      const title = String(source.title || source.url || "source");
+      const href = safeUrl(source.url);
+      if (href) {
+        const link = document.createElement("a");
+        link.href = href;
+        link.target = "_blank";
+        link.rel = "noopener noreferrer";
+        link.textContent = title;
+        item.appendChild(link);
+      } else {
+        item.textContent = title;
+      }
+      list.appendChild(item);
+    }
+    view.sources.append(label, list);
+    view.sources.hidden = false;
+  } else if (note) {
+    const text = document.createElement("span");
+    text.className = "note";
+    text.textContent = String(note);
+    view.sources.appendChild(text);
+    view.sources.hidden = false;
+  }
 }
 
 async function errorMessage(resp) {
@@ -102,6 +150,8 @@ async function send(question) {
   let answer = "";
   let finish = null;
   let usage = null;
+  let sources = null;
+  let sourcesNote = null;
   try {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(requestBody()), signal: state.controller.signal,
@@ -116,6 +166,7 @@ async function send(question) {
       const event = JSON.parse(data);
       if (event.error) throw new Error(event.error.message || "generation failed");
       if (event.usage) usage = event.usage;
+      if (Array.isArray(event.sources)) { sources = event.sources; sourcesNote = event.sources_note || null; }
       const choice = event.choices && event.choices[0];
       if (!choice) return true;
       if (choice.delta && choice.delta.content) {
@@ -128,6 +179,7 @@ async function send(question) {
     });
     state.messages.push({ role: "assistant", content: answer });
     if (!answer.trim()) view.body.textContent = "(empty answer)";
+    showSources(view, sources, sourcesNote);
     const notes = [];
     if (finish === "length") notes.push("cut at the token limit");
     if (usage) notes.push(usage.prompt_tokens + " prompt + " + usage.completion_tokens + " answer tokens");
