@@ -26,7 +26,7 @@ if not PRESETS["minilm-l6"].available():
 
 from medassist.retrieval import Retriever, build_index  # noqa: E402
 from medassist.retrieval.augment import (  # noqa: E402
-    Retrieved, cached_retrieve, index_rows, open_index, retrieve, retrieve_one, run_sources,
+    cached_retrieve, index_rows, retrieve, retrieve_one, run_sources,
 )
 
 ASTHMA = ("Asthma is a chronic disease of the airways that makes breathing hard. The airways swell and narrow, "
@@ -217,7 +217,8 @@ def test_no_held_out_reference_is_retrievable_during_its_own_evaluation(tmp_path
         sources = run_sources(run_cfg, tmp_path / f"run-{index is None}", splits)
         retriever = sources.retriever
         for ex in held:
-            everything = retriever.search(ex.question, k=len(retriever), dedupe_urls=False)  # no threshold, no exclusion
+            # no threshold, no exclusion: everything the index would ever return for this question
+            everything = retriever.search(ex.question, k=len(retriever), dedupe_urls=False)
             assert everything, "other passages stay retrievable"
             for hit in everything:
                 assert hit.source not in ("T", "V") and hit.group != question_key(ex.question)
@@ -344,3 +345,97 @@ def test_chat_page_lists_the_sources_as_safe_links(live_server):
             sync_api.expect(page.locator(".msg.assistant .sources").nth(1)).to_have_text("No source found.")
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------------------------------
+# answers that cite
+def test_only_sources_the_answer_used_are_listed():
+    from medassist.formatting import Passage
+    from medassist.serving.sources import NO_SOURCE, UNUSED, SourceFinder
+
+    asthma = Passage("Asthma is treated with inhaled corticosteroids for long-term control and quick-relief "
+                     "inhalers such as albuterol during attacks.", "Asthma", "https://x/asthma", 0.9)
+    gout = Passage("Gout attacks are treated with colchicine; allopurinol lowers uric acid.", "Gout", "u/gout", 0.81)
+    question = "How is asthma treated?"
+    used = SourceFinder.cited("Doctors use inhaled corticosteroids and albuterol inhalers.", question, [gout, asthma])
+    assert [(s.id, s.title, s.url) for s in used.sources] == [(2, "Asthma", "https://x/asthma")] and used.note is None
+    assert used.lines() == ["Sources:", "[2] Asthma - https://x/asthma"]
+    echo = SourceFinder.cited("Asthma is treated.", question, [asthma])  # only the question's words: no use
+    assert echo.sources == () and echo.note == UNUSED
+    assert SourceFinder.cited("Rest.", question, []).note == NO_SOURCE
+    assert SourceFinder.cited("", question, [asthma]).sources == ()
+
+
+def test_generate_and_chat_answer_from_the_runs_index_and_say_when_nothing_is_found(run_dir, capsys):
+    from io import StringIO
+
+    from medassist.cli.serve import cmd_chat
+    from medassist.serving.sources import NO_SOURCE, UNUSED
+
+    assert main(["generate", "--model", str(run_dir), "--max-new-tokens", "4", "How do I change my car's oil?"]) == 0
+    out, err = capsys.readouterr()
+    assert out.rstrip().endswith(NO_SOURCE) and "retrieval/index" in err
+    assert main(["generate", "--model", str(run_dir), "--max-new-tokens", "4", "--no-index",
+                 "How is gout treated?"]) == 0
+    assert "source" not in capsys.readouterr().out.lower()
+
+    from medassist.cli import build_parser
+
+    args = build_parser().parse_args(["chat", "--model", str(run_dir), "--max-new-tokens", "4"])
+    questions = iter(["What are the treatments for Gout ?", "How do I change my car's oil?"])
+    out = StringIO()
+
+    def ask(_prompt: str) -> str:
+        try:
+            return next(questions)
+        except StopIteration:
+            raise EOFError from None
+
+    assert cmd_chat(args, input_fn=ask, out=out) == 0
+    text = out.getvalue()
+    assert UNUSED in text or "Sources:\n[1] Gout" in text  # the gout page is found; a random model uses it or not
+    assert text.count(NO_SOURCE) == 1
+
+
+def test_api_returns_the_sources_and_the_openai_client_reads_them(run_dir, live_server, monkeypatch):
+    import httpx
+    import openai
+
+    from medassist.config import ServeConfig
+    from medassist.models import load_for_inference
+    from medassist.serving import create_app
+    from medassist.serving.sources import NO_SOURCE, Grounding, Source, SourceFinder, sources_for
+
+    loaded = load_for_inference(str(run_dir))
+    finder = sources_for(loaded)
+    assert finder is not None and finder.k == 2  # the run's own index and k
+    # a random model cannot use a source: here every passage in the prompt counts as used
+    # (the rule itself is tested above), so the wire format carries some
+    monkeypatch.setattr(SourceFinder, "cited", staticmethod(lambda answer, question, passages: Grounding(
+        tuple(Source(i, p.title, p.url, p.score) for i, p in enumerate(passages, 1))) if passages
+        else Grounding(note=NO_SOURCE)))
+    settings = ServeConfig(model_name="rag", default_max_tokens=4, temperature=0.0)
+    asked = [{"role": "user", "content": "What are the treatments for Gout ?"}]
+    with live_server(create_app(loaded, settings, sources=finder)) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model="rag", messages=asked, max_tokens=4)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert [s["title"] for s in reply.sources] == ["Gout"] and reply.sources[0]["url"] == "u/gout"
+        assert reply.model_extra["sources"][0]["index"] == 1 and 0.8 <= reply.sources[0]["score"] <= 1.0
+
+        chunks = list(client.chat.completions.create(model="rag", messages=asked, max_tokens=4, stream=True,
+                                                     stream_options={"include_usage": True}))
+        last = chunks[-1]
+        assert last.choices == [] and last.usage.completion_tokens >= 0  # usage and sources in the last chunk
+        assert [s["title"] for s in last.sources] == ["Gout"]
+        assert not any(getattr(c, "sources", None) for c in chunks[:-1])
+        plain = list(client.chat.completions.create(model="rag", messages=asked, max_tokens=4, stream=True))
+        assert plain[-1].choices == [] and plain[-1].usage is None and plain[-1].sources[0]["title"] == "Gout"
+
+        none = client.chat.completions.create(
+            model="rag", messages=[{"role": "user", "content": "How do I change my car's oil?"}], max_tokens=4)
+        assert none.sources == [] and none.sources_note == NO_SOURCE
+
+    with live_server(create_app(loaded, settings)) as base:  # no index: the response is OpenAI's, unchanged
+        raw = httpx.post(base + "/v1/chat/completions", json={"messages": asked, "max_tokens": 4}, timeout=60).json()
+        assert "sources" not in raw and "sources_note" not in raw

@@ -623,9 +623,9 @@ def test_chat_command_keeps_history_resets_and_exits_cleanly(qwen, monkeypatch):
     prompts: list[int] = []
     real_prompt_ids = Assistant.prompt_ids
 
-    def spy(self, question, history=(), system_prompt=None):
+    def spy(self, question, history=(), system_prompt=None, passages=()):
         prompts.append(len(history))
-        return real_prompt_ids(self, question, history, system_prompt)
+        return real_prompt_ids(self, question, history, system_prompt, passages)
 
     monkeypatch.setattr(Assistant, "prompt_ids", spy)
 

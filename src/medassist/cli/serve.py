@@ -49,6 +49,11 @@ def _generation_options(p: argparse.ArgumentParser, *, server: bool = False) -> 
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for generation (default: torch's choice, one per core); on a busy "
                         "machine 1 is often much faster")
+    p.add_argument("--index", metavar="INDEX_DIR",
+                   help="answer from this retrieval index (medassist index build) and list the sources used "
+                        "(default: the index a model trained with retrieval was trained with)")
+    p.add_argument("--no-index", action="store_true", help="answer without retrieval, even for a model trained "
+                   "with it")
 
 
 def _hosts(text: str) -> list[str]:
@@ -128,17 +133,35 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _sources(args: argparse.Namespace, loaded):
+    """The index to answer from (``--index``, or the one the model was trained with), or None."""
+    from medassist.serving.sources import sources_for
+
+    if args.index and args.no_index:
+        raise MedassistError(f"{args.command}: --index and --no-index exclude each other")
+    finder = sources_for(loaded, args.index, enabled=not args.no_index)
+    if finder is not None:
+        say(f"answering from the index {finder.index_dir} (at most {finder.k} sources, threshold {finder.min_score:g})")
+    return finder
+
+
 def _assistant(args: argparse.Namespace, max_prompt_tokens: int = ServeConfig.model_fields["max_prompt_tokens"].default):
     from medassist.serving import Assistant
 
     params = _params(args)  # bad options fail before a model is loaded
     _set_threads(args)
-    return Assistant(load_model(args.model), args.system_prompt, max_prompt_tokens), params
+    loaded = load_model(args.model)
+    return Assistant(loaded, args.system_prompt, max_prompt_tokens, sources=_sources(args, loaded)), params
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     assistant, params = _assistant(args)
-    print(assistant.generate(args.question, settings=params).text.strip())
+    passages = assistant.find_sources(args.question, (), params.max_new_tokens)
+    answer = assistant.generate(args.question, settings=params, passages=passages or ())
+    print(answer.text.strip())
+    grounding = assistant.cite(answer.text, args.question, passages)
+    if grounding is not None:
+        print("\n" + "\n".join(grounding.lines()))
     return 0
 
 
@@ -182,8 +205,9 @@ def cmd_chat(args: argparse.Namespace, input_fn: Callable[[str], str] = input, o
             if len(kept) < len(history):
                 write(f"(dropped the {len(history) - len(kept)} oldest turn(s) to fit the context)\n")
             history = kept
+            passages = assistant.find_sources(question, history, params.max_new_tokens)
             write("assistant> ")
-            generation = assistant.stream(question, history, params)
+            generation = assistant.stream(question, history, params, passages or ())
             started = False
             for piece in generation:
                 if not started:  # answers often begin with a newline; start the line with text
@@ -195,7 +219,10 @@ def cmd_chat(args: argparse.Namespace, input_fn: Callable[[str], str] = input, o
             if answer.finish_reason == "length":
                 write(" [cut at --max-new-tokens]")
             write("\n")
-            if assistant.keeps_history:
+            grounding = assistant.cite(answer.text, question, passages)
+            if grounding is not None:
+                write("\n".join(grounding.lines()) + "\n")
+            if assistant.keeps_history:  # earlier turns keep their answers, not their sources
                 history.append((question, answer.text.strip()))
     except KeyboardInterrupt:
         if generation is not None:
@@ -227,7 +254,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_port(settings.host, settings.port)
     _set_threads(args)
     say(f"loading {args.model} ...")
-    app = create_app(load_model(args.model), settings)
+    loaded = load_model(args.model)
+    app = create_app(loaded, settings, sources=_sources(args, loaded))
     base = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
     say(f"serving {settings.model_name}: chat page {base}/ , OpenAI API {base}/v1 "
         f"({'API key required' if settings.api_key else 'no API key'}); Ctrl-C stops")

@@ -123,7 +123,8 @@ def _squash(text: str) -> str:
 
 
 def own_text(hit: Hit, answer: str) -> bool:
-    """Whether ``hit`` is a piece of ``answer`` (the same answer indexed under another question)."""
+    """Whether ``hit`` is a piece of ``answer`` (the same answer indexed under another question);
+    ``answer`` with its whitespace collapsed and case folded (:func:`_squash`)."""
     return _squash(hit.text) in answer
 
 

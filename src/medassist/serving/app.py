@@ -38,9 +38,11 @@ from starlette.staticfiles import StaticFiles
 import medassist
 from medassist import DISCLAIMER
 from medassist.config import GenerationSettings, ServeConfig
-from medassist.engine import END, Stream
+from medassist.engine import END, Answer, Stream
+from medassist.formatting import Passage
 from medassist.serving.assistant import Assistant, RequestError, sampling
 from medassist.serving.limits import Admission, BodyLimit, Disconnect, allowed_hosts
+from medassist.serving.sources import Grounding, SourceFinder
 from medassist.serving.openai import (
     ERROR_RESPONSES, APIError, ChatCompletion, ChatCompletionRequest, Conversation, Delta, ErrorResponse,
     ModelList, Reply, ServedModel, conversation, finish_reason, parse_chat_request, validation_error,
@@ -54,8 +56,11 @@ class Backend(Protocol):
     rows of one continuous batch when ``ServeConfig.batching`` is on). ``close()``, where a
     backend has it, runs when the app shuts down."""
 
-    def prompt_ids(self, question: str, history: Sequence[tuple[str, str]] = (),
-                   system_prompt: str | None = None) -> list[int]: ...
+    def grounded_prompt(self, question: str, history: Sequence[tuple[str, str]] = (),
+                        system_prompt: str | None = None, max_new_tokens: int = 256
+                        ) -> tuple[list[int], list[Passage] | None]: ...
+
+    def cite(self, answer: str, question: str, passages: Sequence[Passage] | None) -> Grounding | None: ...
 
     def check_lengths(self, n_prompt: int, max_new_tokens: int) -> None: ...
 
@@ -150,7 +155,13 @@ async def get_model(model: str, server: Server = Depends(server_of)) -> ServedMo
 async def chat_completions(request: Request, body: ChatCompletionRequest = Depends(chat_request),
                            server: Server = Depends(server_of)):
     params, talk = server.plan(body)
-    prompt_ids = await run_in_threadpool(server.backend.prompt_ids, talk.question, talk.history, talk.system)
+    # with an index, the question's sources go into the prompt (None: no index, no sources field)
+    prompt_ids, passages = await run_in_threadpool(server.backend.grounded_prompt, talk.question, talk.history,
+                                                   talk.system, params.max_new_tokens)
+
+    def cite(answer: Answer) -> Grounding | None:
+        return server.backend.cite(answer.text, talk.question, passages)
+
     try:
         server.backend.check_lengths(len(prompt_ids), params.max_new_tokens)
     except RequestError as exc:
@@ -168,10 +179,10 @@ async def chat_completions(request: Request, body: ChatCompletionRequest = Depen
         if body.stream:
             client.stop()  # the event stream watches the connection itself
             # background: stops generating even if the client left before the first event
-            return EventSourceResponse(_events(generation, relay, reply, body.include_usage), sep="\n",
+            return EventSourceResponse(_events(generation, relay, reply, body.include_usage, cite), sep="\n",
                                        headers={"Cache-Control": "no-cache"},
                                        background=BackgroundTask(generation.cancel))
-        return await _answer(generation, relay, reply, client)
+        return await _answer(generation, relay, reply, client, cite)
     finally:
         client.stop()
 
@@ -200,7 +211,8 @@ class _Relay:
             pass
 
 
-async def _answer(generation: Stream, relay: _Relay, reply: Reply, client: Disconnect) -> ChatCompletion | Response:
+async def _answer(generation: Stream, relay: _Relay, reply: Reply, client: Disconnect,
+                  cite: Callable[[Answer], Grounding | None]) -> ChatCompletion | Response:
     """Wait for the whole answer; a client that leaves stops it at the next token."""
     done, left = asyncio.ensure_future(relay.finished.wait()), asyncio.ensure_future(client.left.wait())
     try:
@@ -213,7 +225,7 @@ async def _answer(generation: Stream, relay: _Relay, reply: Reply, client: Disco
         return Response(status_code=499)  # nginx's "client closed request": no one reads it
     if generation.error is not None or generation.answer is None:
         raise APIError(500, f"generation failed ({type(generation.error).__name__})")
-    return reply.completion(generation.answer)
+    return reply.completion(generation.answer, cite(generation.answer))
 
 
 def _event(model: BaseModel | str) -> ServerSentEvent:
@@ -238,8 +250,10 @@ class _Stripped:
         return body
 
 
-async def _events(generation: Stream, relay: _Relay, reply: Reply, include_usage: bool):
-    """OpenAI's chunk events; a client that leaves stops the generation (``finally``)."""
+async def _events(generation: Stream, relay: _Relay, reply: Reply, include_usage: bool,
+                  cite: Callable[[Answer], Grounding | None]):
+    """OpenAI's chunk events, the last one with the usage and the sources (when asked for / with
+    an index); a client that leaves stops the generation (``finally``)."""
     text = _Stripped()
     try:
         yield _event(reply.chunk(Delta(role="assistant", content="")))
@@ -251,8 +265,8 @@ async def _events(generation: Stream, relay: _Relay, reply: Reply, include_usage
             yield _event(APIError(500, f"generation failed ({type(generation.error).__name__})").body())
         else:
             yield _event(reply.chunk(Delta(), finish_reason(answer)))
-            if include_usage:
-                yield _event(reply.usage_chunk(answer))
+            if (final := reply.final_chunk(answer, include_usage, cite(answer))) is not None:
+                yield _event(final)
         yield _event("[DONE]")
     finally:
         generation.cancel()
@@ -333,13 +347,16 @@ def _document_chat_body(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def create_app(loaded=None, settings: ServeConfig | None = None, assistant: Backend | None = None) -> FastAPI:
+def create_app(loaded=None, settings: ServeConfig | None = None, assistant: Backend | None = None,
+               sources: SourceFinder | None = None) -> FastAPI:
     """The FastAPI app serving ``loaded`` (a :class:`~medassist.models.LoadedModel`), or a ready
-    ``assistant`` (any :class:`Backend`)."""
+    ``assistant`` (any :class:`Backend`); ``sources``: answer from this index and list the
+    sources used (:mod:`~medassist.serving.sources`)."""
     settings = settings or ServeConfig()
     # with batching, every admitted generation (max_concurrency) is a row of one batch
     rows = (settings.max_batch_size or settings.max_concurrency) if settings.batching else None
-    backend = assistant or Assistant(loaded, settings.system_prompt, settings.max_prompt_tokens, batch_rows=rows)
+    backend = assistant or Assistant(loaded, settings.system_prompt, settings.max_prompt_tokens, batch_rows=rows,
+                                     sources=sources)
     model_id = settings.model_name or getattr(loaded, "source", "") or "medassist"
 
     @contextlib.asynccontextmanager

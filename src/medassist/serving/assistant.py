@@ -4,7 +4,9 @@ It builds prompts with the family's formatter (the one the model was trained wit
 system prompt of the run), keeps a conversation within the model's context, checks lengths
 before anything runs, and generates through the one engine (:mod:`medassist.engine`), so an
 answer here is the answer ``evaluate`` scores. With ``batch_rows``, concurrent generations
-are rows of one continuous batch (:mod:`medassist.batching`). No I/O.
+are rows of one continuous batch (:mod:`medassist.batching`). With ``sources`` (an index,
+:mod:`~medassist.serving.sources`), each question's passages go into its prompt and
+:meth:`Assistant.cite` lists the ones the answer used. No I/O.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any, Callable, Sequence
 from medassist.config import GenerationSettings
 from medassist.engine import Answer, Stream
 from medassist.errors import MedassistError
+from medassist.formatting import Passage
 from medassist.models import LoadedModel
+from medassist.serving.sources import Grounding, SourceFinder
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are medassist, a careful medical information assistant. Give accurate, clear, general "
@@ -57,8 +61,9 @@ class Assistant:
     """
 
     def __init__(self, loaded: LoadedModel, system_prompt: str | None = None, max_prompt_tokens: int = 1024,
-                 batch_rows: int | None = None) -> None:
+                 batch_rows: int | None = None, sources: SourceFinder | None = None) -> None:
         self.loaded, self.family = loaded, loaded.family
+        self.sources = sources  # with an index: each question's passages go into its prompt
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         fmt = loaded.format(truncate_prompt=False)  # serving checks lengths itself: an error, not a cut
@@ -83,11 +88,38 @@ class Assistant:
 
     # -- prompts ------------------------------------------------------------------------
     def prompt_ids(self, question: str, history: Sequence[tuple[str, str]] = (),
-                   system_prompt: str | None = None) -> list[int]:
-        """Prompt tokens, uncut; ``system_prompt`` overrides the default for this call only."""
+                   system_prompt: str | None = None, passages: Sequence[Passage] = ()) -> list[int]:
+        """Prompt tokens, uncut; ``system_prompt`` overrides the default for this call only;
+        ``passages``: the sources shown before the question."""
         fmt = self.fmt if system_prompt is None else self.fmt.with_system_prompt(system_prompt)
         with self._encode_lock:
-            return fmt.prompt_ids(question, list(history) if self.keeps_history else ())
+            return fmt.prompt_ids(question, list(history) if self.keeps_history else (), passages)
+
+    def find_sources(self, question: str, history: Sequence[tuple[str, str]], max_new_tokens: int,
+                     system_prompt: str | None = None) -> list[Passage] | None:
+        """The question's passages that fit the prompt with ``history`` (dropped from the last);
+        None without an index, [] when none scores at least the threshold or none fits."""
+        if self.sources is None:
+            return None
+        passages = self.sources.find(question)
+        while passages:
+            try:
+                self.check_lengths(len(self.prompt_ids(question, history, system_prompt, passages)), max_new_tokens)
+                break
+            except RequestError:
+                passages = passages[:-1]
+        return passages
+
+    def grounded_prompt(self, question: str, history: Sequence[tuple[str, str]] = (),
+                        system_prompt: str | None = None, max_new_tokens: int = 256
+                        ) -> tuple[list[int], list[Passage] | None]:
+        """(prompt tokens, the passages in them): :meth:`find_sources`, then :meth:`prompt_ids`."""
+        passages = self.find_sources(question, history, max_new_tokens, system_prompt)
+        return self.prompt_ids(question, history, system_prompt, passages or ()), passages
+
+    def cite(self, answer: str, question: str, passages: Sequence[Passage] | None) -> Grounding | None:
+        """The sources ``answer`` used (:meth:`SourceFinder.cited`); None without an index."""
+        return None if passages is None else SourceFinder.cited(answer, question, passages)
 
     def check_lengths(self, n_prompt: int, max_new_tokens: int) -> None:
         """Raise :class:`RequestError` when the prompt or the answer cannot fit."""
@@ -123,17 +155,17 @@ class Assistant:
             self.engine.scheduler.close()
 
     def stream(self, question: str, history: Sequence[tuple[str, str]] = (),
-               settings: GenerationSettings | None = None) -> Stream:
+               settings: GenerationSettings | None = None, passages: Sequence[Passage] = ()) -> Stream:
         """Check lengths and start; iterate the result for text pieces as they come."""
         settings = settings or sampling(256)
-        ids = self.prompt_ids(question, history)
+        ids = self.prompt_ids(question, history, passages=passages)
         self.check_lengths(len(ids), settings.max_new_tokens)
         return self.start(ids, settings)
 
     def generate(self, question: str, history: Sequence[tuple[str, str]] = (),
-                 settings: GenerationSettings | None = None) -> Answer:
+                 settings: GenerationSettings | None = None, passages: Sequence[Passage] = ()) -> Answer:
         """Answer one question (blocking)."""
-        stream = self.stream(question, history, settings)
+        stream = self.stream(question, history, settings, passages)
         for _ in stream:
             pass
         return stream.result()
