@@ -83,7 +83,7 @@ def run_naive(model, fmt, examples, args) -> dict:
     from medassist.evaluation import rouge_l
     from medassist.formatting import IGNORE_INDEX
     from medassist.engine import stop_ids
-    from medassist.models import minilm_folder
+    from medassist.presets import minilm_folder
 
     stops = stop_ids(model, fmt)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=1,
@@ -121,7 +121,7 @@ def bertscore_rates(candidates, references, per_call: int, order: list[str]) -> 
     import bert_score
 
     from medassist.evaluation import get_bert_scorer
-    from medassist.models import minilm_folder
+    from medassist.presets import minilm_folder
 
     scorer = get_bert_scorer("minilm-l6")
     calls = [(candidates[i:i + per_call], references[i:i + per_call]) for i in range(0, len(candidates), per_call)]

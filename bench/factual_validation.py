@@ -81,7 +81,7 @@ def bertscore_f1(answers: list[str], references: list[str]) -> tuple[list[float]
     except ImportError:
         from bert_score import BERTScorer
 
-        from medassist.models import minilm_folder
+        from medassist.presets import minilm_folder
 
         scorer = BERTScorer(model_type=str(minilm_folder()), num_layers=6)
         _, _, f1 = scorer.score(answers, references)

@@ -21,14 +21,14 @@ MEDQUAD = ROOT.parent / "shared" / "data" / "medquad.csv"
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from medassist.models import smollm2_folder
+    from medassist.presets import smollm2_folder
 
     return AutoTokenizer.from_pretrained(smollm2_folder())
 
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
-    from medassist.models import qwen_tokenizer
+    from medassist.presets import qwen_tokenizer
 
     return qwen_tokenizer()
 
@@ -46,7 +46,7 @@ def qwen_base_tokenizer(qwen_tokenizer):
 
 @pytest.fixture(scope="session")
 def bert_tokenizer():
-    from medassist.models import _bert_tokenizer
+    from medassist.presets import _bert_tokenizer
 
     return _bert_tokenizer()
 

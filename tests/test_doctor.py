@@ -12,7 +12,8 @@ from medassist.export.chat import ChatShape
 from medassist.export.doctor import Problem, check_run, eos_in_loss, mask_end, serve_prompt
 from medassist.families import get_family
 from medassist.formatting import IGNORE_INDEX
-from medassist.models import CHATML_TEMPLATE, LoadedModel, load_for_inference
+from medassist.models import LoadedModel, load_for_inference
+from medassist.presets import CHATML_TEMPLATE
 
 DECODER = get_family("decoder")
 

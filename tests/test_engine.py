@@ -14,8 +14,9 @@ import torch
 
 from medassist.data import QAExample
 from medassist.config import GenerationSettings
-from medassist.engine import Engine, StopText, cut_at_stop
+from medassist.engine import Engine
 from medassist.models import load_pretrained
+from medassist.streaming import StopText, cut_at_stop
 
 QUESTIONS = [
     "What is type 2 diabetes?",

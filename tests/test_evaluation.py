@@ -24,7 +24,8 @@ from medassist.evaluation import (
 )
 from medassist.engine import Engine
 from medassist.formatting import IGNORE_INDEX
-from medassist.models import load_pretrained, minilm_folder
+from medassist.models import load_pretrained
+from medassist.presets import minilm_folder
 
 CANDIDATES = ["Insulin lets cells take up sugar from the blood.", "Asthma narrows the airways.",
               "Drink water.", ""]
@@ -484,7 +485,7 @@ def test_meta_columns_survive_the_split_files(tmp_path):
 @pytest.mark.integration
 def test_smollm2_report(tmp_path):
     from medassist.cli import main
-    from medassist.models import PRESETS
+    from medassist.presets import PRESETS
 
     if not PRESETS["smollm2-135m"].available():
         pytest.skip("smollm2-135m is not installed")

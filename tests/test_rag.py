@@ -18,7 +18,7 @@ from medassist.cli import main
 from medassist.config import RetrievalConfig, load_config
 from medassist.data import QAExample, question_key, read_split
 from medassist.formatting import IGNORE_INDEX
-from medassist.models import PRESETS
+from medassist.presets import PRESETS
 
 pytest.importorskip("bm25s")
 if not PRESETS["minilm-l6"].available():

@@ -16,7 +16,7 @@ import pytest
 from medassist.errors import DataError, MedassistError
 
 pytest.importorskip("bm25s")
-from medassist.models import PRESETS  # noqa: E402
+from medassist.presets import PRESETS  # noqa: E402
 
 if not PRESETS["minilm-l6"].available():
     pytest.skip("the embedded MiniLM encoder is not installed", allow_module_level=True)

@@ -32,10 +32,10 @@ from medassist import DISCLAIMER
 from medassist.cli import serve as serve_cli
 from medassist.config import EvalConfig, ServeConfig, TrainConfig
 from medassist.data import QAExample
-from medassist.engine import StopText, cut_at_stop
 from medassist.errors import MedassistError
 from medassist.models import LoadedModel, load_for_inference
 from medassist.serving import DEFAULT_SYSTEM_PROMPT, Assistant, RequestError, create_app, sampling
+from medassist.streaming import StopText, cut_at_stop
 
 SAMPLE = sampling(max_new_tokens=8, temperature=1.0)
 GREEDY = sampling(max_new_tokens=24, temperature=0.0)

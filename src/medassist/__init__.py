@@ -3,10 +3,11 @@
 The path through the package follows the folder listing:
 ``data`` (load, clean) and ``splits`` (group split) -> ``formatting`` (examples -> tokens and
 loss masks) and ``families`` (everything decoder-only and encoder-decoder models do their own
-way) -> ``models`` (presets, loading) -> ``training`` (Trainer, run directory) -> ``engine``
-(one generation engine) -> ``evaluation`` (metrics, baselines, report) -> ``serving``
-(assistant, OpenAI-compatible API, web page) -> ``export`` (Hugging Face, GGUF, Ollama);
-``cli`` is a thin layer over all of them.
+way) -> ``presets`` and ``models`` (loading) -> ``training`` (Trainer, run directory) ->
+``engine`` (one generation engine, with ``streaming`` and ``batching``) -> ``evaluation``
+(metrics, baselines, report) -> ``serving`` (assistant, OpenAI-compatible API, web page) ->
+``export`` (Hugging Face, GGUF, Ollama); ``config`` holds every setting; ``cli`` is a thin
+layer over all of them.
 """
 
 __version__ = "0.2.0"

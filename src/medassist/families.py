@@ -45,6 +45,65 @@ def can_prune_head(model) -> bool:
     return not scaled and lm.get_output_embeddings() is not None and lm.get_decoder() is not None
 
 
+def chunked_head_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     chunk_size: int) -> torch.Tensor:
+    """-log softmax(hidden @ weight.T)[target] of each row (fp32), ``chunk_size`` rows at a
+    time: one chunk's rows x vocabulary logits exist at a time and none is kept for backward.
+
+    The projection runs in the autocast dtype when autocast is on (as ``F.linear`` would), else
+    in the weight's. A frozen ``weight`` (LoRA): each chunk's gradient w.r.t. its rows,
+    (softmax - onehot) @ weight, is computed in the forward and kept (rows x hidden), then
+    scaled by the incoming gradient in backward; exact, since a row's NLL depends on that row
+    alone, and nothing is recomputed. A trainable ``weight``: each chunk is recomputed in
+    backward (``torch.utils.checkpoint``).
+    """
+    import torch.nn.functional as F
+
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    if hidden.shape[0] == 0:
+        return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
+    if weight.requires_grad and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        def score(rows, labels):
+            return F.cross_entropy(F.linear(rows, weight).float(), labels, reduction="none")
+
+        return torch.cat([checkpoint(score, hidden[s:s + chunk_size], targets[s:s + chunk_size], use_reentrant=False)
+                          for s in range(0, hidden.shape[0], chunk_size)])
+    return _FrozenHeadNLL.apply(hidden, weight, targets, chunk_size, dtype)
+
+
+class _FrozenHeadNLL(torch.autograd.Function):
+    """:func:`chunked_head_nll` for a frozen head: the gradient is computed chunk by chunk in
+    the forward, so backward is one multiplication."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, dtype):
+        import torch.nn.functional as F
+
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.detach().to(dtype)
+            nll = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+            grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            for s in range(0, targets.shape[0], chunk_size):
+                labels = targets[s:s + chunk_size]
+                logits = F.linear(hidden[s:s + chunk_size].detach().to(dtype), w).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                nll[s:s + chunk_size] = lse - logits.gather(1, labels[:, None]).squeeze(1)
+                if grad is not None:
+                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                    probs[torch.arange(labels.shape[0], device=probs.device), labels] -= 1.0
+                    grad[s:s + chunk_size] = (probs.to(dtype) @ w).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_nll[:, None].to(grad.dtype), None, None, None, None
+
+
 def _limit(config: Any) -> int | None:
     value = getattr(config, "max_position_embeddings", None) if config is not None else None
     return int(value) if isinstance(value, int) and value > 0 else None
@@ -107,6 +166,17 @@ class ModelFamily(ABC):
         """``(logits, targets)`` at every supervised position of a ``collate`` batch, never
         building a batch x length x vocabulary tensor where it can be avoided."""
 
+    def answer_nll(self, model, batch: dict[str, torch.Tensor], prune_head: bool | None = None,
+                   chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(nll, targets)``: -log p(target), fp32, at every supervised position, in the order
+        of :meth:`answer_logits` (``F.cross_entropy`` of its logits). ``chunk_size``: where the
+        family prunes the head, score at most that many positions at a time, so the positions x
+        vocabulary logits never exist at once (:func:`chunked_head_nll`); None = all at once."""
+        import torch.nn.functional as F
+
+        logits, targets = self.answer_logits(model, batch, prune_head)
+        return F.cross_entropy(logits, targets, reduction="none"), targets
+
     # -- limits -----------------------------------------------------------------------
     @abstractmethod
     def position_limits(self, model) -> tuple[int | None, int | None]:
@@ -139,20 +209,34 @@ class DecoderOnly(ModelFamily):
         return sequences[:, prompt_width:]  # the prompt columns come back first
 
     def answer_logits(self, model, batch, prune_head=None):
-        targets = batch["labels"][:, 1:]
-        keep = targets != IGNORE_INDEX
         if prune_head is None:
             prune_head = can_prune_head(model)
         if prune_head:
-            lm = _unwrap(model)
-            # use_cache=False: a teacher-forced forward has no use for the KV cache it would build
-            hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      use_cache=False).last_hidden_state
-            logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
-        else:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits[:, :-1][keep]
+            hidden, targets = self._answer_hidden(model, batch)
+            return _unwrap(model).get_output_embeddings()(hidden).float(), targets
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits[:, :-1][keep]
         return logits.float(), targets[keep]
+
+    def answer_nll(self, model, batch, prune_head=None, chunk_size=None):
+        if prune_head is None:
+            prune_head = can_prune_head(model)
+        head = _unwrap(model).get_output_embeddings() if prune_head else None
+        if not chunk_size or head is None or getattr(head, "bias", None) is not None:
+            return super().answer_nll(model, batch, prune_head)
+        hidden, targets = self._answer_hidden(model, batch)
+        return chunked_head_nll(hidden, head.weight, targets, chunk_size), targets
+
+    def _answer_hidden(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last hidden state at the positions that predict a supervised label, and those labels."""
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE_INDEX
+        # use_cache=False: a teacher-forced forward has no use for the KV cache it would build
+        hidden = _unwrap(model).get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                              use_cache=False).last_hidden_state
+        return hidden[:, :-1][keep], targets[keep]
 
     def position_limits(self, model):
         return None, _limit(getattr(model, "config", None))

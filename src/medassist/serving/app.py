@@ -38,7 +38,7 @@ from starlette.staticfiles import StaticFiles
 import medassist
 from medassist import DISCLAIMER
 from medassist.config import GenerationSettings, ServeConfig
-from medassist.engine import END, Answer, Stream
+from medassist.engine import Answer
 from medassist.formatting import Passage
 from medassist.serving.assistant import Assistant, RequestError, sampling
 from medassist.serving.limits import Admission, BodyLimit, Disconnect, allowed_hosts
@@ -47,6 +47,7 @@ from medassist.serving.openai import (
     ERROR_RESPONSES, APIError, ChatCompletion, ChatCompletionRequest, Conversation, Delta, ErrorResponse,
     ModelList, Reply, ServedModel, conversation, finish_reason, parse_chat_request, validation_error,
 )
+from medassist.streaming import END, Stream
 
 log = logging.getLogger("medassist.serving")
 

@@ -15,11 +15,12 @@ import threading
 from typing import Any, Callable, Sequence
 
 from medassist.config import GenerationSettings
-from medassist.engine import Answer, Stream
+from medassist.engine import Answer
 from medassist.errors import MedassistError
 from medassist.formatting import Passage
 from medassist.models import LoadedModel
 from medassist.serving.sources import Grounding, SourceFinder
+from medassist.streaming import Stream
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are medassist, a careful medical information assistant. Give accurate, clear, general "
@@ -146,7 +147,7 @@ class Assistant:
     def start(self, prompt_ids: list[int], settings: GenerationSettings, sink: Callable[[Any], None] | None = None,
               on_finish: Callable[[], None] | None = None) -> Stream:
         """Start generating: a row of the shared batch, or a worker thread (see
-        :class:`~medassist.engine.Stream`)."""
+        :class:`~medassist.streaming.Stream`)."""
         return self.engine.stream(prompt_ids, settings, sink, on_finish)
 
     def close(self) -> None:

@@ -5,11 +5,12 @@
 1. **set up**: the checkpoint to continue from, the run directory, the data and its splits;
 2. **model**: the base model in fp32, wrapped with LoRA when configured; the precision;
 3. **data -> tensors**: the family's formatter tokenizes; a seeded subset for the validation loss;
-4. **fit**: transformers' Trainer (:class:`~medassist.training.trainer.MedassistTrainer`);
+4. **fit**: transformers' Trainer (:class:`~medassist.training.trainer.MedassistTrainer`), with the
+   speed and memory switches of :mod:`~medassist.training.speed`;
 5. **validate and save**: the final validation metrics, ``final/`` and ``train_summary.json``;
 6. **evaluate**: the test split and the report (:mod:`medassist.evaluation.hooks`).
 
-The helpers follow ``train`` in that order.
+The helpers follow ``train`` in that order; step 3 is :mod:`~medassist.training.examples`.
 """
 
 from __future__ import annotations
@@ -24,17 +25,21 @@ from typing import Any, Callable
 from transformers import set_seed
 
 from medassist.config import TrainConfig
-from medassist.data import PreparedData, QAExample, prepare_data, write_splits
+from medassist.data import PreparedData, prepare_data, write_splits
 from medassist.distributed import is_main_process, run_on_main_process, world_size
 from medassist.errors import ConfigError, TrainingInterrupted
 from medassist.families import ModelFamily
-from medassist.formatting import Passage, PromptFormat
+from medassist.formatting import PromptFormat
 from medassist.models import load_pretrained
 from medassist.rundir import RunDir
 from medassist.training.checkpoints import (
     find_resume_checkpoint, has_checkpoints, newest_complete_checkpoint, truncate_metrics,
 )
+from medassist.training.examples import (
+    TokenizedSplit, _test_subset, to_dataset, tokenize_examples, validation_loss_subset,
+)
 from medassist.training.precision import resolve_precision
+from medassist.training.speed import bf16_frozen_weights
 from medassist.training.summary import run_summary, steps_line, write_summary
 from medassist.training.trainer import (
     GracefulStop, JsonlMetricsCallback, MedassistTrainer, columns_collator, training_arguments,
@@ -106,6 +111,8 @@ def train(
         log(f"passages in training prompts after the length budget: {train_tok.passages_line()}")
     trainer = build_trainer(cfg, run, model, tokenizer, family, fmt, precision, train_tok, val_loss_rows, data,
                             sources)
+    frozen = bf16_frozen_weights(cfg, trainer, precision, uses_lora(cfg, family),
+                                 lambda: load_pretrained(cfg.model, cfg.model_type)[0], log)
     setup_seconds = time.perf_counter() - start
     fitted = fit(trainer, checkpoint, run, log)
 
@@ -113,6 +120,8 @@ def train(
     in_fit = dict(trainer.seconds)
     final_eval = final_validation(trainer) if val_loss_rows else {}
     saving = time.perf_counter()
+    if frozen is not None:
+        frozen.restore()  # the exact fp32 base again: the test split scores what final/ serves
     trainer.save_model(str(run.final))  # every rank (FSDP gathers); only rank 0 writes
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run.final))
@@ -250,74 +259,7 @@ def parameter_counts(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-# ---------------------------------------------------------------------------------------
-# 3. data -> tensors
-@dataclass
-class TokenizedSplit:
-    features: list[dict[str, Any]]
-    dropped_no_answer_tokens: int = 0
-    truncated: int = 0
-    passages_given: list[int] = field(default_factory=list)  # with retrieval: per example, retrieved
-    passages_kept: list[int] = field(default_factory=list)  # ... and left in the prompt by the length budget
-
-    @property
-    def supervised_tokens(self) -> int:
-        return sum(f["n_supervised"] for f in self.features)
-
-    def passages_line(self) -> str:
-        n = max(1, len(self.passages_kept))
-        dropped = sum(self.passages_given) - sum(self.passages_kept)
-        return (f"{sum(self.passages_kept) / n:.2f} per prompt ({dropped} of {sum(self.passages_given)} retrieved "
-                "passages dropped to fit max_length * max_prompt_fraction)")
-
-
-def tokenize_examples(fmt: PromptFormat, family: ModelFamily, examples: list[QAExample],
-                      passages: list[list[Passage]] | None = None) -> TokenizedSplit:
-    """Input ids and the answer-only labels of each example; ``passages``: the sources each
-    prompt carries (retrieval), aligned with ``examples``."""
-    out = TokenizedSplit(features=[])
-    for i, ex in enumerate(examples):
-        sources = passages[i] if passages is not None else ()
-        if passages is not None:
-            out.passages_given.append(len(sources))
-            out.passages_kept.append(len(fmt.fit_passages(ex.question, passages=sources)))
-        enc = fmt.encode(ex.question, ex.answer, sources)
-        if enc is None:
-            out.dropped_no_answer_tokens += 1
-            continue
-        out.truncated += int(enc.truncated)
-        out.features.append({
-            "input_ids": enc.input_ids, "labels": enc.labels,
-            "length": family.sample_length(enc),
-            "n_supervised": enc.n_supervised,
-        })
-    return out
-
-
-def to_dataset(features: TokenizedSplit | list[dict[str, Any]]):
-    from datasets import Dataset
-
-    rows = features.features if isinstance(features, TokenizedSplit) else features
-    return Dataset.from_list(rows) if rows else None
-
-
-def validation_loss_subset(features: list[dict[str, Any]], cfg: TrainConfig) -> list[dict[str, Any]]:
-    """The validation rows of the loss at every evaluation: at most ``eval.loss_limit`` (a
-    subset seeded by ``seed``, the same every time and after a resume), all when null."""
-    from medassist.evaluation.hooks import seeded_subset
-
-    limit = cfg.eval.loss_limit
-    return list(features) if limit is None else seeded_subset(features, limit, cfg.seed)
-
-
-def _test_subset(rows: list[QAExample], cfg: TrainConfig) -> list[QAExample]:
-    """At most ``eval.test_limit`` test rows, a seeded subset, so the final report stays bounded."""
-    from medassist.evaluation.hooks import seeded_subset
-
-    limit = cfg.eval.test_limit
-    return list(rows) if limit is None else seeded_subset(rows, limit, cfg.seed)
-
-
+# (3. data -> tensors: medassist.training.examples)
 # ---------------------------------------------------------------------------------------
 # 4. fit
 def build_trainer(cfg: TrainConfig, run: RunDir, model, tokenizer, family: ModelFamily, fmt: PromptFormat,
@@ -341,6 +283,7 @@ def build_trainer(cfg: TrainConfig, run: RunDir, model, tokenizer, family: Model
         prune_head=cfg.lm_head_on_answer_only,
         generation_eval=generation_eval,
         save_total_limit=cfg.save_total_limit,
+        head_chunk_size=cfg.head_chunk_size,
     )
     if cfg.report_to == "tensorboard":
         from transformers.integrations import TensorBoardCallback

@@ -10,7 +10,8 @@ from medassist.config import TrainConfig
 from medassist.rundir import RunDir
 
 if TYPE_CHECKING:
-    from medassist.training.recipe import Fit, TokenizedSplit
+    from medassist.training.examples import TokenizedSplit
+    from medassist.training.recipe import Fit
     from medassist.training.trainer import MedassistTrainer
 
 

@@ -27,7 +27,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -46,15 +45,16 @@ class MedassistTrainer(Trainer):
 
     ``save_total_limit``: complete checkpoints kept; rotation happens after each marker
     (:class:`~medassist.training.checkpoints.CheckpointCompletion`), so ``args.save_total_limit``
-    stays None.
+    stays None. ``head_chunk_size``: answer positions the head scores at a time (None = all).
     """
 
     def __init__(self, *args, family: ModelFamily, prune_head: bool = True,
                  generation_eval: Callable[[Any], dict[str, float]] | None = None,
-                 save_total_limit: int | None = None, **kwargs):
+                 save_total_limit: int | None = None, head_chunk_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.family = family
         self.prune_head = prune_head and can_prune_head(self.model)
+        self.head_chunk_size = head_chunk_size
         self.generation_eval = generation_eval
         self.tokens_seen = 0
         self.supervised_tokens_seen = 0
@@ -78,12 +78,13 @@ class MedassistTrainer(Trainer):
         answer-only head: for decoder-only models the vocabulary projection runs on supervised
         positions only, so the batch x length x vocab logit tensor is never built (for
         SmolLM2's 49k vocabulary the head is ~20% of the forward FLOPs and its logits the
-        largest activation)."""
+        largest activation). With ``head_chunk_size`` the head scores that many positions at a
+        time (:func:`~medassist.families.chunked_head_nll`): no positions x vocab tensor either."""
         # accelerate applies bf16/fp16 autocast by wrapping model.forward; the head calls parts
         # of the model directly, so enter the same autocast (else a bf16 run computes in fp32)
         with self.accelerator.autocast():
-            logits, targets = self.family.answer_logits(model, inputs, self.prune_head)
-        return F.cross_entropy(logits, targets, reduction="none")
+            nll, _ = self.family.answer_nll(model, inputs, self.prune_head, self.head_chunk_size)
+        return nll
 
     def _answer_only_loss(self, model, inputs, num_items_in_batch):
         nll = self._answer_token_nll(model, inputs)

@@ -1,56 +1,20 @@
-"""Typed configuration: every field, its default and its meaning, in one place.
-
-One style for every setting: pydantic models, strict (``batch_size: true`` is an error, not
-1; no float accepts inf or nan), documented where they are defined, and read by the CLI for
-its defaults and help. :class:`TrainConfig` is a run (YAML whose keys mirror the classes;
-``lora:``, ``data:``, ``eval:`` and ``retrieval:`` are sections), :class:`GenerationSettings`
-how answers are generated (shared by evaluation, ``generate``, ``chat`` and ``serve``),
-:class:`ServeConfig` the HTTP server. ``--set key=value`` overrides any key, dotted for sections
-(``--set lora.r=8``); values are parsed as YAML scalars. Unknown keys and wrong types are
-a :class:`~medassist.errors.ConfigError` that names the key.
-"""
+"""One training run (:class:`TrainConfig`) and its sections: ``data:`` (:class:`DataConfig`),
+``lora:`` (:class:`LoraConfig`), ``eval:`` (:class:`EvalConfig`) and ``retrieval:``
+(:class:`RetrievalConfig`)."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from medassist.errors import ConfigError
+from medassist.config.generation import GenerationSettings, Section
 
 ModelType = Literal["decoder", "encoder-decoder"]
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.2 scalars: only true/false are booleans (YAML 1.1 reads `no`, `off`, `yes` as
-    booleans, which would turn `eval_strategy: no` into False), and `1e-3` is a float."""
-
-
-_YamlLoader.yaml_implicit_resolvers = {
-    key: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-# ... and YAML 1.2 floats, so `1e-3` is a number, not a string
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
-)
-
-
-def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
-
-
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where the question/answer pairs come from and how they are split."""
 
     path: str = Field("sample", description="CSV, TSV, JSONL, JSON or Parquet file, or a bundled data set: `sample` (105 hand-written rows) or `medquad`.")
@@ -88,7 +52,7 @@ class DataConfig(_Section):
         return self
 
 
-class LoraConfig(_Section):
+class LoraConfig(Section):
     """LoRA adapter settings (PEFT). Decoder-only models use LoRA by default."""
 
     enabled: bool | None = Field(
@@ -100,35 +64,6 @@ class LoraConfig(_Section):
     target_modules: str | list[str] = Field(
         "all-linear", description="`all-linear` or a list of module names (q_proj, v_proj, ...)."
     )
-
-
-class GenerationSettings(_Section):
-    """How answers are generated: one rule for evaluation, ``generate``, ``chat`` and ``serve``.
-
-    Greedy by default; ``temperature`` and ``top_p`` apply only with ``do_sample``. Generation
-    stops at every EOS id of the model and of its tokenizer, or at the first ``stop`` string.
-    """
-
-    max_new_tokens: int = Field(128, ge=1, description="Most tokens per answer (EOS included).")
-    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
-    temperature: float = Field(1.0, gt=0.0, le=100.0, description="Sampling temperature (do_sample only).")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (do_sample only).")
-    repetition_penalty: float = Field(
-        1.0, ge=1.0, le=10.0, description="Divide the logits of tokens already in the answer (1 = off).")
-    no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this size (0 = off).")
-    stop: list[str] = Field(default_factory=list, description="End the answer before the first of these.")
-    batch_size: int = Field(16, ge=1, description="Answers decoded together (evaluation): rows of the continuous "
-                            "batch, refilled as answers end.")
-    seed: int | None = Field(None, description="Torch seed for a sampling call (each answer draws with seed + its "
-                             "index: reproducible whatever the batch).")
-    dtype: Literal["fp32", "bf16"] = Field(
-        "fp32", description="Precision of generation: fp32, or bf16 (opt-in: a bf16 copy of the weights; faster on "
-        "CPUs with bf16 units, greedy answers may differ from fp32).")
-
-    def generation(self, **changes) -> "GenerationSettings":
-        """These settings alone (without a subclass's other fields), with ``changes`` applied."""
-        values = {k: getattr(self, k) for k in GenerationSettings.model_fields}
-        return GenerationSettings.model_validate({**values, **changes})
 
 
 class EvalConfig(GenerationSettings):
@@ -167,7 +102,7 @@ class EvalConfig(GenerationSettings):
         2000, ge=100, le=100_000, description="Paired bootstrap resamples for each 95% interval (seeded).")
 
 
-class RetrievalConfig(_Section):
+class RetrievalConfig(Section):
     """Retrieval-augmented fine-tuning and answering (docs/retrieval.md, "Grounded answers").
 
     With ``enabled``, every prompt (training, validation, test, and later ``generate``/``chat``/
@@ -195,7 +130,7 @@ class RetrievalConfig(_Section):
         "(otherwise training teaches copying the answer from the prompt).")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """One training run. Defaults are the laptop-CPU recipe (configs/default.yaml)."""
 
     model: str = Field("smollm2-135m", description="Preset name, hub id or local path.")
@@ -246,6 +181,17 @@ class TrainConfig(_Section):
     lm_head_on_answer_only: bool = Field(
         True, description="Decoder-only: project to the vocabulary only where labels count."
     )
+    head_chunk_size: int | None = Field(
+        None, ge=1, description="Decoder-only answer-only head: logits and cross-entropy for at most this many "
+        "answer positions at a time, so no positions x vocabulary tensor is built or kept for backward "
+        "(same loss and gradients); null = all positions at once.",
+    )
+    bf16_frozen_weights: bool = Field(
+        False, description="LoRA with bf16 precision: store the frozen base linear weights in bf16 while "
+        "training (autocast casts them to bf16 at every forward anyway: same numbers, no per-step casts, half "
+        "their memory). The exact fp32 weights come back for generation metrics and after training, so the "
+        "final evaluation scores what final/ serves. Ignored with fp32 precision, without LoRA and under FSDP.",
+    )
 
     # bookkeeping
     logging_steps: int = Field(5, ge=1)
@@ -288,146 +234,3 @@ class TrainConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def _format_error(err: ValidationError, origin: str) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        return f"{origin}: unknown config key '{key}'"
-    return f"{origin}: config key '{key}': {first['msg']}"
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Turn ``["lora.r=8", "model=tiny-qwen3"]`` into a nested dict (values as YAML scalars)."""
-    tree: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set '{pair}': expected key=value")
-        try:
-            value = yaml_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        _set_dotted(tree, key.strip(), value)
-    return tree
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_config(
-    path: str | Path | None = None,
-    overrides: list[str] | dict[str, Any] | None = None,
-) -> TrainConfig:
-    """Load a YAML config (or the defaults), apply overrides and validate."""
-    tree: dict[str, Any] = {}
-    origin = "defaults"
-    if path is not None:
-        origin = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{path}: is a directory, not a config file") from None
-        except UnicodeDecodeError as exc:
-            line = Path(path).read_bytes()[: exc.start].count(b"\n") + 1
-            raise ConfigError(f"{path}: not UTF-8 text (line {line}, byte {exc.start})") from None
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        if "\x00" in text:
-            raise ConfigError(f"{path}: binary file (NUL bytes), not a YAML config")
-        try:
-            loaded = yaml_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config must be a mapping of keys to values")
-        tree = loaded or {}
-    if overrides:
-        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        tree = _merge(tree, extra)
-        origin = f"{origin} + --set"
-    try:
-        return TrainConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_format_error(err, origin)) from None
-
-
-class ServeConfig(_Section):
-    """Options of ``medassist serve`` (the CLI reads its defaults and help from here).
-    Token limits count the model's tokens."""
-
-    host: str = Field("127.0.0.1", description="address to listen on (this machine only by default)")
-    port: int = Field(8000, ge=1, le=65535, description="port")
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every /v1 route "
-                                "(default: $MEDASSIST_API_KEY; unset = open)")
-    allowed_hosts: list[str] | None = Field(
-        None, description="Host header values accepted; default: loopback names when listening on loopback "
-        "without a key (no DNS rebinding), else any")
-    model_name: str | None = Field(None, description="model id reported by /v1/models (default: the --model value)")
-    system_prompt: str | None = Field(
-        None, description="system prompt for chat-template models; default: the run's own, else a careful "
-        "medical-information prompt; '' for none (ignored by encoder-decoder models)")
-    max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts (system + history + question) get 400")
-    max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for; more gets 400")
-    default_max_tokens: int = Field(256, ge=1, description="answer tokens when a request does not say (max_tokens)")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="sampling temperature when a request gives none; "
-                               "0 = greedy, deterministic")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass when a request gives none")
-    max_concurrency: int = Field(8, ge=1, description="generations admitted at once (with batching: the rows "
-                                 "decoded together; without: one thread each)")
-    batching: bool = Field(True, description="decode concurrent requests together (continuous batching: requests "
-                           "join and leave between decoding steps); off: one generation thread per request")
-    max_batch_size: int | None = Field(None, ge=1, description="rows per decoding step (default: max_concurrency); "
-                                       "admitted requests beyond it wait for a row")
-    max_queue: int = Field(4, ge=0, description="requests waiting for a generation slot; beyond this, 429")
-    queue_timeout_s: float = Field(60.0, gt=0.0, description="a request waiting longer than this gets 503")
-    max_body_bytes: int = Field(1_000_000, ge=1, description="larger request bodies get 413")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_within_limit(cls, values: Any) -> Any:
-        """A default answer length over the limit is the limit (what a request could ask for)."""
-        if isinstance(values, dict):
-            limit = values.get("max_tokens_limit", cls.model_fields["max_tokens_limit"].default)
-            default = values.get("default_max_tokens", cls.model_fields["default_max_tokens"].default)
-            if isinstance(default, int) and isinstance(limit, int) and default > limit:
-                values = {**values, "default_max_tokens": limit}
-        return values
-
-
-def field_help(model: type[BaseModel], name: str) -> str:
-    """A field's description and default, for argparse help."""
-    field = model.model_fields[name]
-    default = field.default if field.default_factory is None else field.default_factory()
-    return f"{field.description} (default: {default})"
-
-
-def check_settings(model: type[BaseModel], origin: str, **values: Any):
-    """Validate settings given as keyword arguments (CLI options); one line naming the option."""
-    try:
-        return model.model_validate(values)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ConfigError(f"{origin}: --{key.replace('_', '-')}: {first['msg']}") from None
