@@ -1,0 +1,151 @@
+"""Speed and memory switches of a training run (issue 14), each behind a ``TrainConfig`` field.
+
+- ``bf16_frozen_weights``: :class:`FrozenWeights`, the frozen base linears of a LoRA model
+  stored in bf16 while training under bf16 autocast, and the exact fp32 weights put back
+  wherever something runs outside autocast.
+- ``head_chunk_size``: the answer-only head in chunks
+  (:func:`medassist.families.chunked_head_nll`, used by
+  :class:`~medassist.training.trainer.MedassistTrainer`).
+- ``gradient_checkpointing``: transformers' per-layer activation checkpointing
+  (:func:`~medassist.training.recipe.build_model`).
+
+Each keeps the loss and the gradients of the reference path (``tests/test_efficiency.py``,
+``tests/test_precision.py``); ``bench/train_throughput.py --variants`` measures each.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+
+from medassist.families import _unwrap
+
+
+class FrozenWeights:
+    """The frozen base linears of a LoRA model, stored in bf16 while it trains under bf16 autocast.
+
+    Under autocast every linear casts its weight to bf16 at every forward (autocast caches the
+    casts only of weights that require grad, so a frozen base is re-cast every step) and keeps
+    the copy for backward. Stored in bf16, the weights are used as they are: a matmul sees the
+    same bf16 values (autocast's cast rounds to nearest, as ``Tensor.to`` does), so the loss
+    and the gradients do not change, the casts go, and the fp32 copies (half the frozen
+    weights' memory) are dropped. Embeddings, norms and the LM head (tied to the embeddings in
+    SmolLM2 and Qwen3) stay fp32, so the residual stream keeps its fp32 precision.
+
+    PEFT casts each LoRA layer's input to the adapter's dtype (fp32) before ``lora_A``, which
+    autocast casts straight back to bf16; that round trip is switched off while the weights
+    are bf16 (same values).
+
+    What runs outside autocast needs fp32 weights: :meth:`fp32` puts the exact fp32 weights back
+    for a while (generation metrics during training), :meth:`restore` for good (after training,
+    so the evaluation scores what ``final/`` serves on its fp32 base). They come from
+    ``load_base`` (the base model as :func:`~medassist.models.load_pretrained` loads it, which is
+    what ``load_for_inference`` puts under the adapter), checked against the bf16 copies.
+    """
+
+    def __init__(self, model, load_base: Callable[[], Any], dtype: torch.dtype = torch.bfloat16):
+        self.model = model
+        self.load_base = load_base
+        self.dtype = dtype
+        self.names = frozen_linear_names(model)
+        self.cast()
+        _off_the_file(model, self.names)
+
+    def cast(self) -> None:
+        """Frozen linears to ``dtype`` (rounded to nearest, as autocast would)."""
+        lm = _unwrap(self.model)
+        for name in self.names:
+            lm.get_submodule(name).to(self.dtype)
+        _peft_input_casts(self.model, enabled=False)
+
+    def restore(self) -> None:
+        """The exact fp32 weights of the base model back in place of the bf16 copies."""
+        lm = _unwrap(self.model)
+        base = _unwrap(self.load_base())
+        for name in self.names:
+            module, original = lm.get_submodule(name), base.get_submodule(_base_name(name))
+            for key, value in original.named_parameters(recurse=False):
+                current = getattr(module, key)
+                if current.shape != value.shape or not torch.equal(value.detach().to(current.dtype), current.detach()):
+                    raise RuntimeError(f"bf16_frozen_weights: the reloaded base weight {name}.{key} is not the one "
+                                       "trained on; cannot restore the fp32 weights exactly")
+                setattr(module, key, torch.nn.Parameter(value.detach().to(current.device), requires_grad=False))
+        _peft_input_casts(self.model, enabled=True)
+
+    @contextmanager
+    def fp32(self) -> Iterator[None]:
+        """The exact fp32 weights inside the block, bf16 again after it."""
+        self.restore()
+        try:
+            yield
+        finally:
+            self.cast()
+
+    def around(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``fn(model)`` run with the fp32 weights (generation metrics compute outside autocast)."""
+        def run(model):
+            with self.fp32():
+                return fn(model)
+
+        return run
+
+
+def frozen_linear_names(model) -> list[str]:
+    """``nn.Linear`` modules of the (unwrapped) model with no trainable parameter and no
+    parameter shared with another module (a tied LM head), by name."""
+    lm = _unwrap(model)
+    uses = Counter(id(p) for _, p in lm.named_parameters(remove_duplicate=False))
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    names = []
+    for name, module in lm.named_modules():
+        params = list(module.parameters(recurse=False))
+        if (isinstance(module, torch.nn.Linear) and module is not head and params
+                and not any(p.requires_grad or uses[id(p)] > 1 for p in params)):
+            names.append(name)
+    return names
+
+
+def bf16_frozen_weights(cfg, trainer, precision: str, lora: bool, load_base: Callable[[], Any],
+                        log: Callable[[str], None] = lambda _m: None) -> FrozenWeights | None:
+    """With ``cfg.bf16_frozen_weights``, LoRA and bf16 precision (not under FSDP, whose flat
+    parameters take one dtype): the trainer's model with bf16 frozen linears, and its
+    generation metrics run on the fp32 weights. None where the switch does not apply."""
+    if not cfg.bf16_frozen_weights:
+        return None
+    if precision != "bf16" or not lora or trainer.is_fsdp_enabled:
+        why = "precision is not bf16" if precision != "bf16" else "no LoRA" if not lora else "FSDP"
+        log(f"bf16_frozen_weights ignored: {why}")
+        return None
+    frozen = FrozenWeights(trainer.model, load_base)
+    if trainer.generation_eval is not None:
+        trainer.generation_eval = frozen.around(trainer.generation_eval)
+    return frozen
+
+
+def _off_the_file(model, cast: list[str]) -> None:
+    """Copy the parameters and buffers that stay fp32 out of the checkpoint's memory map.
+
+    transformers maps a safetensors file into memory and its weights are views of it; pages
+    once read stay resident (and count in RSS) while any view is alive. Once the linears are
+    bf16 copies, the embeddings and norms are the last views: copied, the map goes, and with
+    it the fp32 pages of the linears."""
+    lm = _unwrap(model)
+    skip = {id(p) for name in cast for p in lm.get_submodule(name).parameters()}
+    with torch.no_grad():
+        for tensor in [*lm.parameters(), *lm.buffers()]:
+            if id(tensor) not in skip and tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+
+
+def _base_name(name: str) -> str:
+    """The module's name in the plain base model (PEFT wraps each adapted linear as ``base_layer``)."""
+    return name.replace(".base_layer", "")
+
+
+def _peft_input_casts(model, enabled: bool) -> None:
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled") and hasattr(module, "lora_A"):
+            module.cast_input_dtype_enabled = enabled
