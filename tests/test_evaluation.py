@@ -509,3 +509,24 @@ def test_perplexity_alone_is_no_win():
     assert overall_verdict({"factual consistency": "yes", "BERTScore F1": "can't tell",
                             "log perplexity": "yes"})[0] == "yes"
     assert overall_verdict({"log perplexity": "yes"})[0] == "yes"  # nothing generated to judge
+
+
+def test_a_checkpoint_is_scored_like_its_run(tmp_path, sample_csv):
+    """`evaluate --model RUN/checkpoints/checkpoint-N`: the run's split and prompts, its own file."""
+    from medassist.cli import main
+    from medassist.models import load_for_inference
+
+    run = tmp_path / "run"
+    assert main(["train", "--set", "model=tiny-qwen3", "--set", "max_steps=2", "--set", "save_strategy=steps",
+                 "--set", "save_steps=2", "--set", "eval_strategy=no", "--set", "report=false",
+                 "--set", "system_prompt=Checkpoint prompt.", "--set", f"data.path={sample_csv}",
+                 "--set", "eval.generation_metrics=false", "--output-dir", str(run)]) == 0
+    checkpoint = run / "checkpoints" / "checkpoint-2"
+    loaded = load_for_inference(str(checkpoint))
+    assert loaded.config.system_prompt == "Checkpoint prompt."
+    assert "Checkpoint prompt." in loaded.tokenizer.decode(loaded.format().prompt_ids("Flu?"))
+    assert main(["evaluate", "--model", str(checkpoint), "--limit", "2", "--no-baselines",
+                 "--set", "eval.max_new_tokens=2", "--set", "eval.retrieval_baseline=false",
+                 ]) == 0
+    result = json.loads((run / "eval_test_checkpoint-2.json").read_text())
+    assert result["n_examples"] == 2 and not (run / "eval_test.json").exists()

@@ -107,7 +107,8 @@ class LoadedModel:
 
 
 def load_for_inference(ref: str) -> LoadedModel:
-    """Load a run directory (its ``final/``), a preset, a hub id or a folder, in eval mode.
+    """Load a run directory (its ``final/``), one of its checkpoints, a preset, a hub id or a
+    folder, in eval mode.
 
     A run's ``final/`` holds either a PEFT adapter (loaded on top of the run's base model) or a
     full model; a folder written by ``medassist export --merge`` is a plain model folder.
@@ -116,18 +117,21 @@ def load_for_inference(ref: str) -> LoadedModel:
 
     from medassist.rundir import RunDir
 
-    run = RunDir.find(ref)
     path = Path(ref)
+    run = RunDir.find(ref)
+    weights = run.final if run is not None else path
+    if run is None:  # a checkpoint of a run: its weights, the run's prompts and lengths
+        run = RunDir.of_checkpoint(path)
     if run is not None:
         cfg = run.config()
-        if run.has_adapter:
+        if (weights / "adapter_config.json").is_file():
             from peft import PeftModel
 
             base, _, family = load_pretrained(cfg.model, cfg.model_type)
-            model = PeftModel.from_pretrained(base, str(run.final))
-            tok = AutoTokenizer.from_pretrained(run.final)
+            model = PeftModel.from_pretrained(base, str(weights))
         else:
-            model, tok, family = load_pretrained(str(run.final), cfg.model_type)
+            model, _, family = load_pretrained(str(weights), cfg.model_type)
+        tok = AutoTokenizer.from_pretrained(weights if (weights / "tokenizer_config.json").is_file() else run.final)
         model.eval()
         return LoadedModel(model, tok, family, cfg, source=str(path))
     if path.is_dir() and (path / "adapter_config.json").is_file():

@@ -35,6 +35,15 @@ class RunDir:
         run = cls(Path(ref))
         return run if run.is_finished() else None
 
+    @classmethod
+    def of_checkpoint(cls, ref: str | Path) -> "RunDir | None":
+        """The run a ``RUN/checkpoints/checkpoint-N`` folder belongs to (None for anything else)."""
+        path = Path(ref)
+        run = cls(path.parent.parent)
+        if path.parent.name == "checkpoints" and path.name.startswith("checkpoint-") and run.config_file.is_file():
+            return run
+        return None
+
     def is_finished(self) -> bool:
         return self.config_file.is_file() and self.final.is_dir()
 

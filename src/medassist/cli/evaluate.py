@@ -29,7 +29,8 @@ def add_commands(subparsers) -> None:
         "with paired 95%% bootstrap intervals for every difference.",
     )
     p.add_argument("--model", required=True, metavar="RUN_DIR|PRESET|PATH",
-                   help="a run directory, a preset (medassist models), a hub id or a model folder")
+                   help="a run directory, one of its checkpoints (RUN/checkpoints/checkpoint-N: scored on the "
+                        "run's split with its prompts), a preset (medassist models), a hub id or a model folder")
     p.add_argument("--data", metavar="FILE", help="score every cleaned row of this file instead of a split")
     p.add_argument("--split", choices=["test", "validation"], default="test",
                    help="which held-out split of the run (or of the configured data) to score (default: test)")
@@ -136,8 +137,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medassist.evaluation.report import write_report
     from medassist.models import load_for_inference
 
+    from medassist.rundir import RunDir
+
     ref = Path(args.model)
-    run_dir = ref if _is_run_dir(ref) else None
+    checkpoint = RunDir.of_checkpoint(ref)  # a checkpoint is scored on its run's split, like the run
+    run_dir = ref if _is_run_dir(ref) else (checkpoint.path if checkpoint is not None else None)
+    suffix = f"_{ref.name}" if checkpoint is not None else ""
     overrides = list(args.set or [])
     if args.max_new_tokens is not None:
         overrides.append(f"eval.max_new_tokens={args.max_new_tokens}")
@@ -177,8 +182,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else None
     report = Path(args.report) if args.report else None
     if run_dir is not None and not args.data:
-        output = output or run_dir / f"eval_{args.split}.json"
-        report = report or run_dir / ("report" if args.split == "test" else f"report_{args.split}")
+        output = output or run_dir / f"eval_{args.split}{suffix}.json"
+        report = report or run_dir / (("report" if args.split == "test" else f"report_{args.split}") + suffix)
     if report is not None:
         title = f"medassist evaluation: {run_dir.name if run_dir else args.model} ({data_info.split})"
         result.report_html = str(write_report(result, report, run_dir / "metrics.jsonl" if run_dir else None, title))
