@@ -15,7 +15,10 @@ when present, else the bundled sample) for the same number of optimizer steps:
   prompt, learning rate, schedule and LoRA dropout as medassist; gradient checkpointing off
   (TRL's default is on, which would only make the baseline slower).
 - ``medassist-fp32``, ``medassist-lora-dropout-0`` ... (optional, ``--variants``): the default
-  recipe with one setting changed, to attribute the gain.
+  recipe with one setting changed, to attribute the gain. The speed and memory switches of
+  issue 14: ``medassist-bf16-frozen`` (``bf16_frozen_weights``), ``medassist-head-chunks``
+  (``head_chunk_size: 512``), ``medassist-mlp-recompute`` (``recompute_mlp_activation``),
+  ``medassist-grad-ckpt`` (``gradient_checkpointing``), and ``medassist-lean`` (the first three).
 
 Each variant runs in a fresh process (peak RSS is its own), in A B B A order. Reported:
 supervised (answer) tokens/s, total (non-pad) tokens/s, padding share, peak RSS, the training
@@ -43,6 +46,12 @@ MEDASSIST_VARIANTS = {
     "medassist-fp32": {"precision": "fp32"},
     "medassist-lora-dropout-0.05": {"lora": {"dropout": 0.05}},
     "medassist-lora-dropout-0": {"lora": {"dropout": 0.0}},
+    # issue 14 items 1 and 3, one switch each (TrainConfig fields), then together
+    "medassist-bf16-frozen": {"bf16_frozen_weights": True},
+    "medassist-head-chunks": {"head_chunk_size": 512},
+    "medassist-mlp-recompute": {"recompute_mlp_activation": True},
+    "medassist-grad-ckpt": {"gradient_checkpointing": True},
+    "medassist-lean": {"bf16_frozen_weights": True, "head_chunk_size": 512, "recompute_mlp_activation": True},
 }
 
 
@@ -106,9 +115,9 @@ def model_flops(model, sequences: list[tuple[int, int]]) -> float:
 
 
 def heldout_loss(model, fmt, family, examples, batch_size: int = 8) -> float:
-    """Mean loss per answer token on held-out rows, fp32, no dropout."""
+    """Mean loss per answer token on held-out rows, fp32, no dropout (the answer-only head in
+    chunks of 512 positions: the same numbers as full logits, without building them)."""
     import torch
-    import torch.nn.functional as F
 
     from medassist.training import tokenize_examples
 
@@ -117,12 +126,9 @@ def heldout_loss(model, fmt, family, examples, batch_size: int = 8) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(feats), batch_size):
-            batch = fmt.collate(feats[i:i + batch_size])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
-            count += int((labels != -100).sum())
+            nll, _ = family.answer_nll(model, fmt.collate(feats[i:i + batch_size]), chunk_size=512)
+            total += float(nll.double().sum())
+            count += nll.numel()
     return total / max(count, 1)
 
 
@@ -320,6 +326,10 @@ def main() -> None:
                       "MFU vs own-dtype peak"], rows))
     say(f"(medians of {args.repeats} run(s) each; rates over steps 2..{args.steps} unless marked; "
         f"held-out loss on {len(heldout)} rows, fp32, answer tokens only)")
+    if "original" in stats:
+        for variant in (v for v in stats if v not in ("original", "medassist")):
+            say(f"{variant}: {stats[variant]['sup'] / stats['original']['sup']:.2f}x the original recipe, held-out "
+                f"loss {stats[variant]['held']:.4f}")
     if "original" in stats and "medassist" in stats:
         ratio = stats["medassist"]["sup"] / stats["original"]["sup"]
         d = stats["medassist"]["held"] - stats["original"]["held"]

@@ -89,3 +89,20 @@ def test_doctor_needs_a_path(args, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 2
+
+
+def test_generate_warns_when_the_served_prompt_differs_from_training(tmp_path, capsys):
+    """``generate``/``chat``/``serve`` run the doctor's checks at start-up: a system prompt other
+    than training's is one warning line on stderr, and the answer still comes."""
+    from medassist.cli import main
+    from medassist.rundir import RunDir
+
+    loaded = load_for_inference("tiny-qwen3")
+    run = RunDir(tmp_path / "run")
+    loaded.model.save_pretrained(run.final)
+    loaded.tokenizer.save_pretrained(run.final)
+    run.config_file.write_text(TrainConfig(model="tiny-qwen3", system_prompt="Trained.").to_yaml(), encoding="utf-8")
+    assert main(["generate", "--model", str(run.path), "--max-new-tokens", "2", "--system-prompt", "Other.",
+                 "What is acne?"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: serve-prompt: system prompt: training used 'Trained.', serve uses 'Other.'" in err

@@ -143,3 +143,136 @@ def test_validation_perplexity_is_pooled_over_answer_tokens(tmp_path):
     assert metrics["eval_pooled_answer_tokens"] == rebatched["eval_pooled_answer_tokens"] == tokens
     assert metrics["eval_pooled_perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
     assert rebatched["eval_pooled_perplexity"] == pytest.approx(metrics["eval_pooled_perplexity"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# memory (issue 14 item 3): the answer-only head in chunks, the MLP activation recomputed
+def _vocab_projections(monkeypatch, vocab: int) -> list[int]:
+    """Rows of every vocabulary projection made through F.linear from now on."""
+    rows: list[int] = []
+    real = torch.nn.functional.linear
+
+    def recording(x, weight, *args, **kwargs):
+        if weight.shape[0] == vocab:
+            rows.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return real(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording)
+    return rows
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora-frozen-head", "full-trainable-head"])
+def test_head_in_chunks_gives_the_same_loss_and_grads_without_full_logits(tmp_path, monkeypatch, lora):
+    # a frozen head (LoRA) gets its gradient computed chunk by chunk in the forward; a trainable
+    # one (full fine-tune) recomputes each chunk in backward: both must equal the one-shot head
+    trainer, fmt, data = _setup(tmp_path, lora)
+    model = trainer.model
+    model.train()
+    batch = fmt.collate([data[i] for i in (0, 3, 9, 14)])
+    n_items = int((batch["labels"] != IGNORE_INDEX).sum())
+    assert n_items > 20
+    reference, reference_grads = _loss_and_grads(lambda: trainer._answer_only_loss(model, batch, n_items), model)
+    vocab = model.config.vocab_size
+    rows = _vocab_projections(monkeypatch, vocab)
+    trainer.head_chunk_size = 7
+    chunked, chunked_grads = _loss_and_grads(lambda: trainer._answer_only_loss(model, batch, n_items), model)
+    assert abs(chunked.item() - reference.item()) <= 1e-5 * abs(reference.item())
+    for name in reference_grads:
+        torch.testing.assert_close(chunked_grads[name], reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert rows and max(rows) <= 7  # never positions x vocab at once (backward recomputes chunks too)
+
+
+def test_head_in_chunks_under_bf16_autocast_tracks_the_one_shot_head(tmp_path):
+    # the projection runs in bf16 as F.linear under autocast would; the gradient differs from
+    # the one-shot head's only by bf16 rounding (where the incoming gradient is applied)
+    trainer, fmt, data = _setup(tmp_path, lora=True)
+    model = trainer.model
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a live adapter path
+    batch = fmt.collate([data[i] for i in (0, 3, 9, 14)])
+
+    def loss():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nll, _ = trainer.family.answer_nll(model, batch, True, trainer.head_chunk_size)
+        return nll.mean()
+
+    reference, reference_grads = _loss_and_grads(loss, model)
+    trainer.head_chunk_size = 5
+    chunked, chunked_grads = _loss_and_grads(loss, model)
+    assert abs(chunked.item() - reference.item()) <= 1e-5 * abs(reference.item())
+    for name in reference_grads:
+        diff = (chunked_grads[name] - reference_grads[name]).norm()
+        assert diff <= 2e-2 * reference_grads[name].norm() + 1e-9, name
+
+
+def test_evaluation_scores_in_chunks_match_the_full_head(tmp_path, monkeypatch):
+    trainer, fmt, data = _setup(tmp_path, lora=True)
+    model, family = trainer.model, trainer.family
+    model.eval()
+    batch = fmt.collate([data[i] for i in range(6)])
+    with torch.no_grad():
+        nll, correct, targets = family.answer_scores(model, batch)
+        rows = _vocab_projections(monkeypatch, model.config.vocab_size)
+        nll_c, correct_c, targets_c = family.answer_scores(model, batch, chunk_size=4)
+        nll_t, targets_t = family.answer_nll(model, batch, chunk_size=4)
+    assert torch.equal(targets, targets_c) and torch.equal(targets, targets_t) and torch.equal(correct, correct_c)
+    torch.testing.assert_close(nll_c, nll, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(nll_t, nll, rtol=1e-5, atol=1e-6)
+    assert rows and max(rows) <= 4
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd keeps for backward while ``fn`` runs."""
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(kept.values())
+
+
+def test_mlp_activation_recomputed_gives_the_same_loss_and_grads_bit_for_bit_and_keeps_less(tmp_path):
+    from medassist.training.speed import recompute_swiglu
+
+    trainer, fmt, data = _setup(tmp_path, lora=True)
+    model = trainer.model
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.train()
+    batch = fmt.collate([data[i] for i in (0, 3, 9, 14)])
+
+    def loss():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, kept = _saved_bytes(lambda: trainer._answer_only_loss(model, batch, None))
+        loss.kept = kept
+        return out
+
+    reference, reference_grads = _loss_and_grads(loss, model)
+    reference_kept = loss.kept
+    assert recompute_swiglu(model) == model.config.num_hidden_layers
+    ours, ours_grads = _loss_and_grads(loss, model)
+    assert ours.item() == reference.item()
+    for name in reference_grads:
+        assert torch.equal(ours_grads[name], reference_grads[name]), name
+    # one intermediate-width activation per layer less: silu(gate)
+    tokens = int(batch["input_ids"].numel())
+    assert reference_kept - loss.kept >= model.config.num_hidden_layers * tokens * model.config.intermediate_size * 2
+
+
+def test_recompute_swiglu_leaves_other_mlps_alone():
+    from medassist.training.speed import recompute_swiglu
+
+    class GeluMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = (torch.nn.Linear(4, 4) for _ in range(3))
+            self.act_fn = torch.nn.GELU()
+
+    assert recompute_swiglu(torch.nn.Sequential(GeluMLP())) == 0

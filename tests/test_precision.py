@@ -148,3 +148,157 @@ def test_bf16_loss_matches_fp32_within_tolerance(trained):
     assert fp32[-1] < fp32[0] - 0.05, fp32  # it trained, so the comparison covers the updates
     for step, (a, b) in enumerate(zip(fp32, bf16), start=1):
         assert abs(a - b) <= LOSS_RTOL * abs(a), f"step {step}: fp32 {a:.5f} vs bf16 {b:.5f}"
+
+
+# ---------------------------------------------------------------------------------------
+# frozen base weights stored in bf16 (issue 14 item 1)
+def _live_adapter(model) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # LoRA starts with B = 0: make the adapter path count
+
+
+def _step(trainer, batch):
+    model = trainer.model
+    model.train()
+    model.zero_grad(set_to_none=True)
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads, sum(kept.values())
+
+
+def _frozen(trainer):
+    from medassist.models import load_pretrained
+    from medassist.training.speed import FrozenWeights
+
+    return FrozenWeights(trainer.model, lambda: load_pretrained("tiny-qwen3")[0])
+
+
+def test_bf16_frozen_weights_give_the_autocast_loss_and_grads_bit_for_bit(tmp_path):
+    # autocast would round each frozen weight to bf16 at every forward; stored rounded, the
+    # matmuls see the same values; each linear input is cast once and shared, and its
+    # gradients still go back to fp32 one by one
+    trainer = _trainer("bf16", tmp_path)
+    _live_adapter(trainer.model)
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss, grads, kept = _step(trainer, batch)
+    frozen = _frozen(trainer)
+    params = dict(trainer.model.named_parameters())
+    assert frozen.names and all(params[f"base_model.model.{n}.weight"].dtype == torch.bfloat16 for n in frozen.names)
+    # the adapter, norms and embeddings (and the LM head tied to them) stay fp32
+    assert all(p.dtype == torch.float32 for n, p in params.items() if "base_layer" not in n)
+    loss2, grads2, kept2 = _step(trainer, batch)
+    assert loss2 == loss
+    for name in grads:
+        assert torch.equal(grads2[name], grads[name]), name
+    assert kept2 < kept  # no fp32 -> bf16 weight casts kept for backward, one input copy per layer input
+    frozen.restore()
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    loss3, grads3, _ = _step(trainer, batch)
+    assert loss3 == loss and all(torch.equal(grads3[n], grads[n]) for n in grads)
+
+
+def test_bf16_frozen_weights_train_the_same_run(trained, tmp_path):
+    from medassist.training.speed import bf16_frozen_weights
+
+    from medassist.models import load_pretrained
+
+    cfg = load_config(None, {"model": "tiny-qwen3", "bf16_frozen_weights": True})
+    trainer = _trainer("bf16", tmp_path)
+    frozen = bf16_frozen_weights(cfg, trainer, "bf16", True, lambda: load_pretrained("tiny-qwen3")[0])
+    assert frozen is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses == pytest.approx(trained["bf16"]["losses"], rel=1e-6)
+    state = [v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
+    assert state and all(v.dtype == torch.float32 for v in state)
+
+
+def test_bf16_frozen_weights_apply_only_to_lora_under_bf16(tmp_path):
+    from medassist.training.speed import bf16_frozen_weights
+
+    cfg = load_config(None, {"model": "tiny-qwen3", "bf16_frozen_weights": True})
+    never = lambda: pytest.fail("no weights to restore")  # noqa: E731
+    said: list[str] = []
+    trainer = _trainer("fp32", tmp_path)
+    assert bf16_frozen_weights(cfg, trainer, "fp32", True, never, said.append) is None
+    assert bf16_frozen_weights(cfg, trainer, "bf16", False, never, said.append) is None
+    assert said == ["bf16_frozen_weights ignored: precision is not bf16", "bf16_frozen_weights ignored: no LoRA"]
+    off = load_config(None, {"model": "tiny-qwen3"})
+    assert not off.bf16_frozen_weights and bf16_frozen_weights(off, trainer, "bf16", True, never) is None
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_bf16_frozen_weights_restore_refuses_other_weights(tmp_path):
+    from medassist.models import load_pretrained
+    from medassist.training.speed import FrozenWeights
+
+    trainer = _trainer("bf16", tmp_path)
+
+    def other_base():
+        model = load_pretrained("tiny-qwen3")[0]
+        with torch.no_grad():
+            model.model.layers[0].mlp.up_proj.weight.add_(0.5)
+        return model
+
+    frozen = FrozenWeights(trainer.model, other_base)
+    with pytest.raises(RuntimeError, match="not the one trained on"):
+        frozen.restore()
+
+
+def test_bf16_frozen_weights_end_to_end_score_what_final_serves(tmp_path, monkeypatch):
+    """Generation metrics during training run on the exact fp32 weights; after training the
+    model handed to the test-split evaluation is fp32 and computes exactly what
+    ``load_for_inference(run)`` (``medassist serve``) computes."""
+    import medassist.evaluation as evaluation
+    from medassist.models import load_for_inference, load_pretrained
+    from medassist.training import train
+
+    fresh = {n: p.detach().clone() for n, p in load_pretrained("tiny-qwen3")[0].named_parameters()}
+    seen: dict[str, object] = {"generation": []}
+
+    def fake_training_evaluator(*_args, **_kwargs):
+        def evaluate(model):
+            lm = model.get_base_model()
+            seen["generation"].append(all(
+                p.dtype == torch.float32 and torch.equal(p, fresh[n.replace(".base_layer", "")])
+                for n, p in lm.named_parameters() if "lora_" not in n))
+            return {"rouge_l": 0.0}
+        return evaluate
+
+    def fake_report(run, model, fmt, family, *args, **kwargs):
+        seen["model"], seen["fmt"], seen["family"] = model, fmt, family
+        return {}
+
+    monkeypatch.setattr(evaluation, "make_training_evaluator", fake_training_evaluator)
+    monkeypatch.setattr(evaluation, "evaluate_run_after_training", fake_report)
+    cfg = load_config(None, {"model": "tiny-qwen3", "precision": "bf16", "bf16_frozen_weights": True,
+                             "head_chunk_size": 16, "recompute_mlp_activation": True, "max_steps": 4,
+                             "learning_rate": LR, "batch_size": 4, "eval_strategy": "steps", "eval_steps": 2,
+                             "save_strategy": "steps", "save_steps": 2, "output_dir": str(tmp_path / "run"),
+                             "eval": {"subset": 2}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train(cfg)
+    assert seen["generation"] == [True, True]  # both evaluations, fp32 weights as loaded
+    model = seen["model"]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    served = load_for_inference(str(result.run_dir))
+    batch = seen["fmt"].collate([{"input_ids": ids, "labels": ids}
+                                 for ids in ([5, 17, 300, 9, 44], [7, 7, 1000, 12, 13, 14, 15])])
+    model.eval()
+    with torch.no_grad():
+        ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        theirs = served.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(ours, theirs)  # fp32 base + adapter, no training autocast left on the model

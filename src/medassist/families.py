@@ -177,6 +177,16 @@ class ModelFamily(ABC):
         logits, targets = self.answer_logits(model, batch, prune_head)
         return F.cross_entropy(logits, targets, reduction="none"), targets
 
+    def answer_scores(self, model, batch: dict[str, torch.Tensor], prune_head: bool | None = None,
+                      chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(nll, correct, targets)`` at every supervised position, for evaluation (no
+        gradients): -log p(target) (fp32) and whether the target is the argmax, in the order of
+        :meth:`answer_logits`; with ``chunk_size`` as in :meth:`answer_nll`."""
+        import torch.nn.functional as F
+
+        logits, targets = self.answer_logits(model, batch, prune_head)
+        return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1) == targets, targets
+
     # -- limits -----------------------------------------------------------------------
     @abstractmethod
     def position_limits(self, model) -> tuple[int | None, int | None]:
@@ -228,6 +238,22 @@ class DecoderOnly(ModelFamily):
             return super().answer_nll(model, batch, prune_head)
         hidden, targets = self._answer_hidden(model, batch)
         return chunked_head_nll(hidden, head.weight, targets, chunk_size), targets
+
+    def answer_scores(self, model, batch, prune_head=None, chunk_size=None):
+        if prune_head is None:
+            prune_head = can_prune_head(model)
+        head = _unwrap(model).get_output_embeddings() if prune_head else None
+        if not chunk_size or head is None:
+            return super().answer_scores(model, batch, prune_head)
+        with torch.no_grad():
+            hidden, targets = self._answer_hidden(model, batch)
+            nll = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+            correct = torch.empty(targets.shape[0], dtype=torch.bool, device=hidden.device)
+            for s in range(0, targets.shape[0], chunk_size):
+                logits, labels = head(hidden[s:s + chunk_size]).float(), targets[s:s + chunk_size]
+                nll[s:s + chunk_size] = torch.logsumexp(logits, -1) - logits.gather(1, labels[:, None]).squeeze(1)
+                correct[s:s + chunk_size] = logits.argmax(-1) == labels
+        return nll, correct, targets
 
     def _answer_hidden(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The last hidden state at the positions that predict a supervised label, and those labels."""

@@ -151,7 +151,18 @@ def _assistant(args: argparse.Namespace, max_prompt_tokens: int = ServeConfig.mo
     params = _params(args)  # bad options fail before a model is loaded
     _set_threads(args)
     loaded = load_model(args.model)
-    return Assistant(loaded, args.system_prompt, max_prompt_tokens, sources=_sources(args, loaded)), params
+    assistant = Assistant(loaded, args.system_prompt, max_prompt_tokens, sources=_sources(args, loaded))
+    _warn_on_mismatch(loaded, assistant.fmt)
+    return assistant, params
+
+
+def _warn_on_mismatch(loaded, serve_fmt) -> None:
+    """The doctor's checks at start-up: a prompt or stop token that differs from training is
+    one loud line each (``medassist doctor`` turns them into a failing exit status)."""
+    from medassist.export.doctor import check_run
+
+    for problem in check_run(loaded, serve_fmt=serve_fmt):
+        say(f"warning: {problem.check}: {problem.message}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -256,6 +267,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     say(f"loading {args.model} ...")
     loaded = load_model(args.model)
     app = create_app(loaded, settings, sources=_sources(args, loaded))
+    _warn_on_mismatch(loaded, app.state.server.backend.fmt)
     base = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
     say(f"serving {settings.model_name}: chat page {base}/ , OpenAI API {base}/v1 "
         f"({'API key required' if settings.api_key else 'no API key'}); Ctrl-C stops")

@@ -192,6 +192,11 @@ class TrainConfig(Section):
         "their memory). The exact fp32 weights come back for generation metrics and after training, so the "
         "final evaluation scores what final/ serves. Ignored with fp32 precision, without LoRA and under FSDP.",
     )
+    recompute_mlp_activation: bool = Field(
+        False, description="Decoder MLPs of the SwiGLU form (Llama, Qwen, Mistral): keep gate(x) and up(x) for "
+        "backward and recompute silu(gate(x)) there instead of keeping it too (a quarter of the MLP's saved "
+        "activations; the same gradients bit for bit, one SiLU per layer more in backward).",
+    )
 
     # bookkeeping
     logging_steps: int = Field(5, ge=1)

@@ -39,7 +39,7 @@ from medassist.training.examples import (
     TokenizedSplit, _test_subset, to_dataset, tokenize_examples, validation_loss_subset,
 )
 from medassist.training.precision import resolve_precision
-from medassist.training.speed import bf16_frozen_weights
+from medassist.training.speed import bf16_frozen_weights, recompute_swiglu
 from medassist.training.summary import run_summary, steps_line, write_summary
 from medassist.training.trainer import (
     GracefulStop, JsonlMetricsCallback, MedassistTrainer, columns_collator, training_arguments,
@@ -141,9 +141,9 @@ def train(
         reporting = time.perf_counter()
         # rank 0 evaluates the whole test split (same numbers as one process); the others wait
         base_name = None if uses_lora(cfg, family) else cfg.model
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # as served: no autocast
         result.report = run_on_main_process(lambda: evaluate_run_after_training(
-            run, trainer.model, fmt, family, _test_subset(data.splits["test"], cfg), cfg, base_name, log,
-            sources=sources))
+            run, model, fmt, family, _test_subset(data.splits["test"], cfg), cfg, base_name, log, sources=sources))
         timing["report"] = time.perf_counter() - reporting
         write_summary(trainer, run, summary, start)
     log(f"trained {steps_line(summary)} in {fitted.wall:.1f} s "
@@ -247,6 +247,8 @@ def build_model(cfg: TrainConfig):
             target_modules=cfg.lora.target_modules, task_type=family.peft_task(),
         )
         model = get_peft_model(model, lora)
+    if cfg.recompute_mlp_activation:
+        recompute_swiglu(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if uses_lora(cfg, family):

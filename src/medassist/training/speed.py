@@ -1,20 +1,24 @@
 """Speed and memory switches of a training run (issue 14), each behind a ``TrainConfig`` field.
 
 - ``bf16_frozen_weights``: :class:`FrozenWeights`, the frozen base linears of a LoRA model
-  stored in bf16 while training under bf16 autocast, and the exact fp32 weights put back
-  wherever something runs outside autocast.
+  stored in bf16 while training under bf16 autocast (and each linear input cast once,
+  :class:`CastOnce`), the exact fp32 weights put back wherever something runs outside autocast.
 - ``head_chunk_size``: the answer-only head in chunks
   (:func:`medassist.families.chunked_head_nll`, used by
   :class:`~medassist.training.trainer.MedassistTrainer`).
+- ``recompute_mlp_activation``: :func:`recompute_swiglu`, SiLU(gate) recomputed in backward.
 - ``gradient_checkpointing``: transformers' per-layer activation checkpointing
-  (:func:`~medassist.training.recipe.build_model`).
+  (:func:`~medassist.training.recipe.build_model`): the most memory saved, one more forward
+  per step.
 
-Each keeps the loss and the gradients of the reference path (``tests/test_efficiency.py``,
-``tests/test_precision.py``); ``bench/train_throughput.py --variants`` measures each.
+Each gives the loss and the gradients of the reference path, bit for bit where it says so
+(``tests/test_efficiency.py``, ``tests/test_precision.py``); ``bench/train_throughput.py
+--variants`` measures each.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -37,7 +41,9 @@ class FrozenWeights:
 
     PEFT casts each LoRA layer's input to the adapter's dtype (fp32) before ``lora_A``, which
     autocast casts straight back to bf16; that round trip is switched off while the weights
-    are bf16 (same values).
+    are bf16 (same values), and every linear input is cast once (:class:`CastOnce`). The
+    weights that stay fp32 are copied out of the checkpoint's memory map, so the fp32 pages of
+    the linears leave the resident set.
 
     What runs outside autocast needs fp32 weights: :meth:`fp32` puts the exact fp32 weights back
     for a while (generation metrics during training), :meth:`restore` for good (after training,
@@ -50,16 +56,22 @@ class FrozenWeights:
         self.model = model
         self.load_base = load_base
         self.dtype = dtype
+        self._hooks: list[Any] = []
         self.names = frozen_linear_names(model)
         self.cast()
         _off_the_file(model, self.names)
 
     def cast(self) -> None:
-        """Frozen linears to ``dtype`` (rounded to nearest, as autocast would)."""
+        """Frozen linears to ``dtype`` (rounded to nearest, as autocast would); each linear's
+        fp32 input cast once (:class:`CastOnce`)."""
         lm = _unwrap(self.model)
         for name in self.names:
             lm.get_submodule(name).to(self.dtype)
         _peft_input_casts(self.model, enabled=False)
+        if not self._hooks:
+            once = CastOnce(self.dtype)
+            linears = [lm.get_submodule(n) for n in self.names] + _lora_a(self.model)
+            self._hooks = [m.register_forward_pre_hook(once) for m in linears]
 
     def restore(self) -> None:
         """The exact fp32 weights of the base model back in place of the bf16 copies."""
@@ -74,6 +86,9 @@ class FrozenWeights:
                                        "trained on; cannot restore the fp32 weights exactly")
                 setattr(module, key, torch.nn.Parameter(value.detach().to(current.device), requires_grad=False))
         _peft_input_casts(self.model, enabled=True)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     @contextmanager
     def fp32(self) -> Iterator[None]:
@@ -91,6 +106,53 @@ class FrozenWeights:
                 return fn(model)
 
         return run
+
+
+class CastOnce:
+    """A forward pre-hook for linears under autocast: an fp32 input becomes its bf16 copy,
+    made once per input tensor and shared by every linear that reads it.
+
+    Autocast casts a linear's input at every call: q, k and v (and gate and up) each cast the
+    same normed hidden state, for the base layer and for the adapter, and each adapter keeps
+    its copy for backward. Here the copy is made once; each linear gets its own autograd node
+    (:class:`_SharedCast`) over the shared storage, so each gradient goes back to fp32 on its
+    own and they add up in fp32 as before: the same values forward and backward, fewer casts,
+    one saved copy instead of one per adapter.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.copies: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+    def __call__(self, module, args):
+        x = args[0] if args else None
+        if not (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type)
+                and torch.get_autocast_dtype(x.device.type) == self.dtype):
+            return None
+        key = id(x)
+        hit = self.copies.get(key)
+        if hit is None or hit[0]() is not x or hit[1] != x._version:
+            def forget(ref, key=key):
+                if self.copies.get(key, (None,))[0] is ref:
+                    del self.copies[key]
+
+            hit = (weakref.ref(x, forget), x._version, x.detach().to(self.dtype))
+            self.copies[key] = hit
+        return (_SharedCast.apply(x, hit[2]), *args[1:])
+
+
+class _SharedCast(torch.autograd.Function):
+    """``x.to(copy.dtype)`` where ``copy`` is that cast, already made: a view of it forward,
+    the gradient back in ``x``'s dtype."""
+
+    @staticmethod
+    def forward(ctx, x, copy):
+        ctx.dtype = x.dtype
+        return copy.view_as(copy)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None
 
 
 def frozen_linear_names(model) -> list[str]:
@@ -136,13 +198,64 @@ def _off_the_file(model, cast: list[str]) -> None:
     skip = {id(p) for name in cast for p in lm.get_submodule(name).parameters()}
     with torch.no_grad():
         for tensor in [*lm.parameters(), *lm.buffers()]:
-            if id(tensor) not in skip and tensor.device.type == "cpu":
+            if id(tensor) not in skip and not tensor.requires_grad and tensor.device.type == "cpu":
                 tensor.data = tensor.data.clone()
+
+
+def recompute_swiglu(model) -> int:
+    """Decoder MLPs of the form ``down(silu(gate(x)) * up(x))`` (Llama, Qwen2/3, Mistral) keep
+    ``gate(x)`` and ``up(x)`` for backward and recompute ``silu(gate(x))`` there, instead of
+    keeping it as well: a quarter less of the MLP's saved activations (the largest ones, at the
+    intermediate width), for one SiLU per layer in backward. Same kernels in the same order, so
+    the same loss and gradients bit for bit. Returns the number of MLPs changed."""
+    import types
+
+    changed = 0
+    for module in model.modules():
+        linears = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if (type(module).__name__.endswith("MLP") and all(m is not None for m in linears)
+                and isinstance(getattr(module, "act_fn", None), _silu_modules())
+                and getattr(getattr(module, "config", None), "pretraining_tp", 1) == 1):
+            module.forward = types.MethodType(_swiglu_forward, module)
+            changed += 1
+    return changed
+
+
+def _silu_modules() -> tuple[type, ...]:
+    from transformers.activations import SiLUActivation
+
+    return torch.nn.SiLU, SiLUActivation
+
+
+def _swiglu_forward(self, x):
+    return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+class _SiluMul(torch.autograd.Function):
+    """``silu(gate) * up``, keeping only ``gate`` and ``up`` for backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return torch.nn.functional.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * torch.nn.functional.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
 
 
 def _base_name(name: str) -> str:
     """The module's name in the plain base model (PEFT wraps each adapted linear as ``base_layer``)."""
     return name.replace(".base_layer", "")
+
+
+def _lora_a(model) -> list[torch.nn.Module]:
+    """Every LoRA layer's ``lora_A`` linears (the adapters' input side)."""
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "cast_input_dtype_enabled")]
+    return [linear for layer in layers for linear in layer.lora_A.values()]
 
 
 def _peft_input_casts(model, enabled: bool) -> None:
