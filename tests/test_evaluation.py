@@ -530,3 +530,28 @@ def test_a_checkpoint_is_scored_like_its_run(tmp_path, sample_csv):
                  ]) == 0
     result = json.loads((run / "eval_test_checkpoint-2.json").read_text())
     assert result["n_examples"] == 2 and not (run / "eval_test.json").exists()
+
+
+def test_evaluate_a_run_scores_the_rows_its_training_report_scored(tmp_path):
+    """``evaluate RUN`` on the test split takes the same eval.test_limit seeded subset as the
+    report written at the end of training, so the two can be paired (``medassist compare``);
+    --limit N takes the first N, and a validation split is never cut."""
+    import argparse
+
+    from medassist.cli.evaluate import _load_examples
+    from medassist.config import TrainConfig
+    from medassist.data import write_splits
+    from medassist.training.examples import _test_subset
+
+    rows = {s: [QAExample(f"{s} question {i}?", f"answer {i}.", row=i) for i in range(20)]
+            for s in ("train", "validation", "test")}
+    write_splits(rows, tmp_path / "splits")
+    cfg = TrainConfig(eval={"test_limit": 5}, seed=3)
+    args = argparse.Namespace(data=None, split="test", limit=None)
+    examples, _, info = _load_examples(args, cfg, tmp_path)
+    assert examples == _test_subset(rows["test"], cfg) and len(examples) == 5 and info.limit == 5
+    assert examples != rows["test"][:5]  # seeded, not the first rows
+    examples, _, info = _load_examples(argparse.Namespace(data=None, split="test", limit=7), cfg, tmp_path)
+    assert examples == rows["test"][:7] and info.limit == 7
+    examples, _, _ = _load_examples(argparse.Namespace(data=None, split="validation", limit=None), cfg, tmp_path)
+    assert examples == rows["validation"]

@@ -34,7 +34,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--data", metavar="FILE", help="score every cleaned row of this file instead of a split")
     p.add_argument("--split", choices=["test", "validation"], default="test",
                    help="which held-out split of the run (or of the configured data) to score (default: test)")
-    p.add_argument("--limit", type=int, metavar="N", help="score only the first N examples")
+    p.add_argument("--limit", type=int, metavar="N", help="score only the first N examples (default for a run's "
+                   "test split: the eval.test_limit rows its training-end report scored; --set eval.test_limit=null for all)")
     p.add_argument("--output", metavar="OUT.json", help="write the full result as JSON "
                    "(default for a run: RUN/eval_SPLIT.json)")
     p.add_argument("--report", metavar="DIR", help="write report.html and plots here "
@@ -98,13 +99,18 @@ def _load_examples(args, cfg, run_dir: Path | None):
         if args.limit < 1:
             raise DataError("--limit must be at least 1")
         examples = examples[: args.limit]
+    elif not args.data and split == "test":  # the rows the training-end report scored (eval.test_limit, seeded)
+        from medassist.training.examples import _test_subset
+
+        examples = _test_subset(examples, cfg)
     if not examples:
         raise DataError(f"{source}: no examples to evaluate in '{split}'")
     overlap = 0
     if train is not None:  # over the scored examples only, not the whole file
         seen = {question_key(ex.question) for ex in train}
         overlap = sum(question_key(ex.question) in seen for ex in examples)
-    return examples, train, DataInfo(source=source, split=split, n_examples=len(examples), limit=args.limit,
+    limit = args.limit if args.limit is not None or args.data or split != "test" else cfg.eval.test_limit
+    return examples, train, DataInfo(source=source, split=split, n_examples=len(examples), limit=limit,
                                       train_overlap=overlap)
 
 
