@@ -135,10 +135,14 @@ def heldout_loss(model, fmt, family, examples, batch_size: int = 8) -> float:
 # ---------------------------------------------------------------------------------------
 # the two recipes (each in its own worker process)
 def _common_overrides(args, csv: Path, out: Path) -> dict:
+    # the default recipe's training settings on the bench's rows: its collection split, balancing and
+    # evaluation schedule are switched off, and both recipes cut examples at the same length
     return {"model": args.model, "max_steps": args.steps, "output_dir": str(out), "logging_steps": 1,
+            "max_length": ORIGINAL["max_length"],
             "eval_strategy": "no", "save_strategy": "no", "report": False,
             "eval": {"generation_metrics": False},
-            "data": {"path": str(csv), "validation_fraction": 0.0, "test_fraction": 0.0}}
+            "data": {"path": str(csv), "validation_fraction": 0.0, "test_fraction": 0.0, "holdout_column": None,
+                     "test_values": [], "validation_values": [], "balance_column": None}}
 
 
 def run_medassist(args, train_rows, heldout, tmp: Path, extra: dict) -> dict:

@@ -95,3 +95,18 @@ def test_test_subset_is_bounded_and_seeded():
     assert len(picked) == 10 and picked == _test_subset(rows, cfg)
     assert [r.row for r in picked] == sorted(r.row for r in picked)
     assert _test_subset(rows[:5], cfg) == rows[:5]
+
+
+def test_default_recipe_trains_on_bundled_medquad_and_tests_on_an_unseen_collection():
+    """`make train`'s recipe: real data on a fresh machine, whole collections held out (issue 12)."""
+    from medassist.data import prepare_data, question_key
+
+    cfg = load_config(Path(CONFIGS[0]).parent / "default.yaml")
+    assert (cfg.model, cfg.data.path, cfg.data.holdout_column) == ("smollm2-135m", "medquad", "source")
+    splits = prepare_data(cfg.data, cfg.seed).splits
+    sources = {name: {ex.meta.get("source") for ex in rows} for name, rows in splits.items()}
+    assert sources["test"] == set(cfg.data.test_values) and sources["validation"] == set(cfg.data.validation_values)
+    assert not sources["train"] & (sources["test"] | sources["validation"])
+    assert len(splits["train"]) > 5000 and len(splits["test"]) > cfg.eval.test_limit
+    train_questions = {question_key(ex.question) for ex in splits["train"]}
+    assert not any(question_key(ex.question) in train_questions for ex in splits["test"])
