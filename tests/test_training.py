@@ -217,3 +217,18 @@ def test_final_validation_reuses_an_evaluation_only_of_the_same_weights(global_s
         assert calls == [] and metrics == {"eval_loss": 1.0 / global_step, "eval_bertscore_f1": 0.1 * global_step}
     else:
         assert calls == [global_step] and metrics == {"eval_loss": 9.0}
+
+
+def test_cli_train_ends_with_the_verdicts_and_shows_progress_of_the_final_evaluation(tmp_path, capsys):
+    """`make train`'s last lines: whether the tuned model beats the base model (with an
+    interval), then the report; the final evaluation's generation shows a progress bar."""
+    run = tmp_path / "run"
+    assert main(["train", "--set", "model=tiny-qwen3", "--set", "max_steps=2", "--set", "eval_strategy=no",
+                 "--set", "save_strategy=no", "--set", "eval.generation_metrics=false", "--set", "eval.test_limit=4",
+                 "--set", "eval.max_new_tokens=2", "--set", "eval.retrieval_baseline=false",
+                 "--output-dir", str(run)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out[captured.out.index("held-out test"):]
+    assert out.splitlines()[1].startswith("better than the base model: ")
+    assert "model minus" in out and "95% interval" in out and f"report: {run / 'report' / 'report.html'}" in out
+    assert "generating (model)" in captured.err and "generating (base model)" in captured.err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from medassist.cli.common import say as _say
+from medassist.cli.common import Progress, say as _say
 from medassist.families import FAMILIES
 
 
@@ -24,7 +24,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     log = _say if is_main_process() else (lambda _m: None)
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_for(CheckpointWarning, log, warnings.showwarning)
-        result = train(cfg, log=log, resume=args.resume)
+        with Progress() as progress:
+            result = train(cfg, log=log, resume=args.resume, progress=progress if is_main_process() else None)
     if is_main_process():
         s = result.summary
         print(f"run: {result.run_dir}")
@@ -33,6 +34,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"steps {s['steps']}{resumed}, final train loss {s['final_train_loss']}, "
               f"validation loss {s['final_validation_loss']}")
         if result.report:
+            from medassist.cli.evaluate import format_table
+            from medassist.evaluation.results import EvalResult
+
+            print(f"\nheld-out test ({cfg.data.path}, split 'test'):")
+            print(format_table(EvalResult.from_json(result.report)))
             print(f"report: {result.report.get('report_html', result.run_dir / 'report')}")
     return 0
 

@@ -77,7 +77,7 @@ def evaluate_run_after_training(run: RunDir, model, fmt: PromptFormat, family: M
                                 test_examples: list[QAExample], cfg: TrainConfig, base_model_name: str | None,
                                 log: Callable[[str], None] = lambda _m: None,
                                 train_examples: Sequence[QAExample] | None = None,
-                                sources=None) -> dict[str, Any]:
+                                sources=None, progress=None) -> dict[str, Any]:
     """Score the final (best) model on the test split; write eval_test.json and report/.
 
     ``base_model_name``: what to load as the untuned baseline for a full fine-tune (a LoRA
@@ -85,6 +85,7 @@ def evaluate_run_after_training(run: RunDir, model, fmt: PromptFormat, family: M
     nearest-training-answer baseline searches; by default the run's ``splits/train.jsonl``.
     ``sources``: the run's :class:`~medassist.retrieval.augment.RunSources` (retrieval runs):
     the model answers with its passages, and also without them, for the comparison.
+    ``progress``: the bars' factory (:data:`~medassist.evaluation.evaluate.ProgressFactory`).
     Returns the JSON form of the :class:`~medassist.evaluation.results.EvalResult` (what
     eval_test.json holds; ``EvalResult.from_json`` makes it typed again).
     """
@@ -102,7 +103,8 @@ def evaluate_run_after_training(run: RunDir, model, fmt: PromptFormat, family: M
     with _EvalMode(model):
         result = evaluate_examples(Engine(model, fmt, family), test_examples, cfg.eval, seed=cfg.seed,
                                    base_model=base, source=str(run.path), train_examples=train_examples, data=data,
-                                   retrieved=retrieved, retrieval_info=sources.info() if sources is not None else None)
+                                   retrieved=retrieved, retrieval_info=sources.info() if sources is not None else None,
+                                   progress=progress)
     html = write_report(result, run.report_dir("test"), metrics_path=run.metrics_file,
                         title=f"medassist evaluation: {run.name} (test split)")
     result.report_html = str(html)

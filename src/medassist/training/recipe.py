@@ -58,13 +58,15 @@ def train(
     cfg: TrainConfig,
     log: Callable[[str], None] = lambda _msg: None,
     resume: str | bool | None = None,
+    progress=None,
 ) -> TrainResult:
     """Run one training job end to end; ``log`` receives short progress lines for the CLI.
 
     ``resume``: ``"auto"`` (or True) for the newest complete checkpoint of the run directory,
     or a checkpoint folder or run directory (:func:`find_resume_checkpoint`). Model or adapter,
     optimizer, scheduler, RNG and data order continue from it, and ``metrics.jsonl`` is cut back
-    to the events the checkpoint had logged. With ``auto`` and no complete checkpoint, the run
+    to the events the checkpoint had logged. ``progress``: a ``(description, total) -> update``
+    factory for the bars of the final test evaluation (the CLI's tqdm). With ``auto`` and no complete checkpoint, the run
     starts from step 0 (one warning). SIGTERM or Ctrl-C saves a checkpoint and raises
     :class:`TrainingInterrupted`.
 
@@ -143,7 +145,8 @@ def train(
         base_name = None if uses_lora(cfg, family) else cfg.model
         model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # as served: no autocast
         result.report = run_on_main_process(lambda: evaluate_run_after_training(
-            run, model, fmt, family, _test_subset(data.splits["test"], cfg), cfg, base_name, log, sources=sources))
+            run, model, fmt, family, _test_subset(data.splits["test"], cfg), cfg, base_name, log, sources=sources,
+            progress=progress))
         timing["report"] = time.perf_counter() - reporting
         write_summary(trainer, run, summary, start)
     log(f"trained {steps_line(summary)} in {fitted.wall:.1f} s "
