@@ -58,16 +58,18 @@ def validation_questions(n: int, seed: int = 42):
 
 # ---------------------------------------------------------------------------------------
 def run_evaluator(model, fmt, examples, args) -> dict:
-    from medassist.config import GenerationSettings
+    from medassist.config import EvalConfig, GenerationSettings
     from medassist.engine import Engine
     from medassist.evaluation import get_bert_scorer, score_model
+    from medassist.evaluation.metrics import perplexity_dtype
 
     scorer = get_bert_scorer("minilm-l6")  # cached: loaded on the first call of the process
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                   dtype=getattr(args, "dtype", "fp32"))
     start = time.perf_counter()
     result = score_model(Engine(model, fmt, args.family), examples, settings, scorer,
-                         ppl_batch_size=args.ppl_batch_size or args.batch_size)
+                         ppl_batch_size=args.ppl_batch_size,
+                         ppl_dtype=perplexity_dtype(EvalConfig(perplexity_precision=args.ppl_precision)))
     total = time.perf_counter() - start
     return {"texts": result.generated, "seconds": total, "generation_seconds": result.timing["generation_seconds"],
             "bertscore_f1": result.bertscore_f1, "perplexity": result.perplexity,
@@ -162,8 +164,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16,
                         help="the evaluator's generation batch: rows decoded together (default: %(default)s, "
                              "EvalConfig's default)")
-    parser.add_argument("--ppl-batch-size", type=int,
-                        help="the evaluator's perplexity batch (default: --batch-size, as evaluate_examples does)")
+    parser.add_argument("--ppl-batch-size", type=int, default=16,
+                        help="the evaluator's perplexity batch (default: %(default)s, eval.perplexity_batch_size)")
+    parser.add_argument("--ppl-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="the evaluator's perplexity precision (default: %(default)s, eval.perplexity_precision)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the evaluator with bf16 generation and report its agreement with fp32")
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant, in A B B A order")

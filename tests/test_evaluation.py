@@ -555,3 +555,21 @@ def test_evaluate_a_run_scores_the_rows_its_training_report_scored(tmp_path):
     assert examples == rows["test"][:7] and info.limit == 7
     examples, _, _ = _load_examples(argparse.Namespace(data=None, split="validation", limit=None), cfg, tmp_path)
     assert examples == rows["validation"]
+
+
+def test_perplexity_under_bf16_autocast_agrees_with_fp32():
+    """eval.perplexity_precision bf16: the same examples, the model under bf16 autocast; the
+    perplexity within 1e-3 relative of fp32 and the token accuracy within 2 points."""
+    from medassist.config import TrainConfig
+    from medassist.evaluation.metrics import perplexity_dtype
+    from medassist.models import load_for_inference
+
+    loaded = load_for_inference("tiny-qwen3")
+    fmt = loaded.family.make_format(loaded.tokenizer, TrainConfig())
+    exact = perplexity_and_accuracy(loaded.model, fmt, loaded.family, EXAMPLES, batch_size=2)
+    fast = perplexity_and_accuracy(loaded.model, fmt, loaded.family, EXAMPLES, batch_size=2, autocast=torch.bfloat16)
+    assert fast["perplexity"] == pytest.approx(exact["perplexity"], rel=1e-3)
+    assert fast["perplexity"] != exact["perplexity"]  # bf16 really ran
+    assert abs(fast["token_accuracy"] - exact["token_accuracy"]) <= 0.02
+    assert perplexity_dtype(EvalConfig(perplexity_precision="fp32")) is None
+    assert perplexity_dtype(EvalConfig(perplexity_precision="bf16")) is torch.bfloat16

@@ -90,6 +90,12 @@ class EvalConfig(GenerationSettings):
     loss_limit: int | None = Field(
         256, ge=1, description="Validation loss during training: at most this many validation rows, a seeded "
         "subset that is the same at every evaluation; null = all rows.")
+    perplexity_batch_size: int = Field(16, ge=1, description="References scored together for perplexity "
+                                       "(teacher forcing; sorted by length).")
+    perplexity_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Perplexity under bf16 autocast (`auto`: where training would use bf16; measured "
+        "within 2e-4 relative of fp32, bench/RESULTS.md) or fp32. Generated answers are always decoded in "
+        "the generation `dtype`.")
     baselines: bool = Field(True, description="`evaluate`: also score the base model and 'repeat the question'.")
     factual_model: str = Field(
         "offline", description="Factual-consistency scorer: `offline` (facts + idf, no model) or an MNLI-style "

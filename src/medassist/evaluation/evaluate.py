@@ -26,7 +26,8 @@ from medassist.evaluation.answers import answer_stats
 from medassist.evaluation.baselines import Embed, encoder_embed, nearest_training_answers
 from medassist.evaluation.compare import breakdowns, compare, verdict_for
 from medassist.evaluation.metrics import (
-    BertScorer, factual_consistency, factual_scorer_for, perplexity_and_accuracy, rouge_l, scorer_for,
+    BertScorer, factual_consistency, factual_scorer_for, perplexity_and_accuracy, perplexity_dtype, rouge_l,
+    scorer_for,
 )
 from medassist.evaluation.results import (
     BASELINE_LABELS, BaselineAnswer, DataInfo, EvalResult, ExampleRow, SourceRef, SystemResult,
@@ -62,11 +63,12 @@ def score_texts(name: str, texts: Sequence[str], examples: Sequence[QAExample], 
 
 
 def score_model(engine: Engine, examples: Sequence[QAExample], settings: GenerationSettings,
-                scorer: BertScorer, ppl_batch_size: int = 8, progress: ProgressFactory | None = None,
+                scorer: BertScorer, ppl_batch_size: int = 16, progress: ProgressFactory | None = None,
                 label: str = "model", factual=None, name: str = "model",
-                passages: Sequence[Sequence[Passage]] | None = None) -> SystemResult:
+                passages: Sequence[Sequence[Passage]] | None = None, ppl_dtype=None) -> SystemResult:
     """Generate from the questions (and each one's ``passages``, with retrieval), score against
-    the references, add perplexity/accuracy (of the references after the same prompts)."""
+    the references, add perplexity/accuracy (of the references after the same prompts; under
+    autocast to ``ppl_dtype`` when given)."""
     examples = list(examples)
     started = time.perf_counter()
     update = progress(f"generating ({label})", len(examples)) if progress else None
@@ -75,7 +77,7 @@ def score_model(engine: Engine, examples: Sequence[QAExample], settings: Generat
     started = time.perf_counter()
     result = score_texts(name, [a.text for a in answers], examples, scorer, factual)
     ppl = perplexity_and_accuracy(engine.model, engine.fmt, engine.family, examples, ppl_batch_size,
-                                  passages=passages)
+                                  passages=passages, autocast=ppl_dtype)
     hit = [a.hit_max_new_tokens for a in answers]
     result.per_example["log_perplexity"] = ppl["log_perplexity"]
     result.answers = answer_stats(result.generated, [ex.answer for ex in examples],
@@ -124,18 +126,19 @@ def evaluate_examples(
     settings = ecfg.generation(seed=seed)
     examples = list(examples)
     passages = passages_of(retrieved)
-    main = score_model(engine, examples, settings, scorer, ecfg.batch_size, progress,
-                       "model" if passages is None else "model with retrieval", factual, passages=passages)
+    ppl = dict(ppl_batch_size=ecfg.perplexity_batch_size, ppl_dtype=perplexity_dtype(ecfg))
+    main = score_model(engine, examples, settings, scorer, progress=progress, factual=factual, passages=passages,
+                       label="model" if passages is None else "model with retrieval", **ppl)
     baselines: dict[str, SystemResult] = {}
     notes: dict[str, str] = {}
     if passages is not None:
-        baselines["no_retrieval"] = score_model(engine, examples, settings, scorer, ecfg.batch_size, progress,
-                                                "model without retrieval", factual, name="no_retrieval")
+        baselines["no_retrieval"] = score_model(engine, examples, settings, scorer, progress=progress, factual=factual,
+                                                label="model without retrieval", name="no_retrieval", **ppl)
     if ecfg.baselines and base_model is not None:
         with base_model() as base_lm:
             baselines["base_model"] = score_model(Engine(base_lm, engine.fmt, engine.family), examples, settings,
-                                                  scorer, ecfg.batch_size, progress, "base model", factual,
-                                                  name="base_model", passages=passages)
+                                                  scorer, progress=progress, label="base model", factual=factual,
+                                                  name="base_model", passages=passages, **ppl)
         if passages is not None:
             baselines["base_model"].label = "the base model with retrieval"
     elif ecfg.baselines:

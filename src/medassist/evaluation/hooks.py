@@ -14,7 +14,7 @@ from medassist.distributed import is_main_process
 from medassist.engine import Engine
 from medassist.evaluation.baselines import base_model_context
 from medassist.evaluation.evaluate import METRIC_KEYS, evaluate_examples, format_line, score_model
-from medassist.evaluation.metrics import factual_scorer_for, scorer_for
+from medassist.evaluation.metrics import factual_scorer_for, perplexity_dtype, scorer_for
 from medassist.evaluation.results import DataInfo
 from medassist.families import ModelFamily
 from medassist.formatting import Passage, PromptFormat
@@ -65,8 +65,9 @@ def make_training_evaluator(fmt: PromptFormat, family: ModelFamily, validation_e
     def evaluate(model) -> dict[str, float]:
         scorer = scorer_for(cfg.eval)  # built on the first call, reused afterwards
         with _EvalMode(model):
-            result = score_model(Engine(model, fmt, family), subset, settings, scorer, cfg.eval.batch_size,
-                                 factual=factual_scorer_for(cfg.eval), passages=subset_passages)
+            result = score_model(Engine(model, fmt, family), subset, settings, scorer, cfg.eval.perplexity_batch_size,
+                                 factual=factual_scorer_for(cfg.eval), passages=subset_passages,
+                                 ppl_dtype=perplexity_dtype(cfg.eval))
         keys = METRIC_KEYS + ("mean_generated_tokens", "hit_max_new_tokens")
         return {k: float(v) for k in keys if (v := result.metric(k)) is not None}
 

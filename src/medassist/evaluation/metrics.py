@@ -51,7 +51,7 @@ class BertScorer:
     """
 
     def __init__(self, model: str = "minilm-l6", layer: int | None = None, idf: bool = False,
-                 rescale: bool = False, batch_size: int = 64, device: str | None = None) -> None:
+                 rescale: bool = False, batch_size: int = 16, device: str | None = None) -> None:
         import bert_score
         from transformers.utils import logging as hf_logging
 
@@ -159,6 +159,13 @@ def get_bert_scorer(model: str = "minilm-l6", layer: int | None = None, idf: boo
     return _SCORERS[key]
 
 
+def perplexity_dtype(ecfg: EvalConfig) -> torch.dtype | None:
+    """The autocast dtype of perplexity (``eval.perplexity_precision``), None for fp32."""
+    from medassist.training.precision import resolve_precision
+
+    return torch.bfloat16 if resolve_precision(ecfg.perplexity_precision) == "bf16" else None
+
+
 def scorer_for(ecfg: EvalConfig) -> BertScorer:
     return get_bert_scorer(ecfg.bertscore_model, ecfg.bertscore_layer, ecfg.bertscore_idf, ecfg.bertscore_rescale)
 
@@ -183,7 +190,8 @@ def rouge_l(candidates: Sequence[str], references: Sequence[str]) -> list[float]
 # perplexity and token accuracy (teacher forcing, the training mask, the answer-only head)
 def perplexity_and_accuracy(model, fmt: PromptFormat, family: ModelFamily, examples: Sequence[QAExample],
                             batch_size: int = 8, prune_head: bool | None = None,
-                            passages: Sequence[Sequence[Passage]] | None = None) -> dict[str, Any]:
+                            passages: Sequence[Sequence[Passage]] | None = None,
+                            autocast: torch.dtype | None = None) -> dict[str, Any]:
     """Perplexity and token accuracy of the reference answers, teacher forced.
 
     ``perplexity = exp(sum of -log p(token) / n)`` and ``token_accuracy = (argmax == token) / n``
@@ -193,7 +201,8 @@ def perplexity_and_accuracy(model, fmt: PromptFormat, family: ModelFamily, examp
     limits are skipped and counted; references cut to fit are counted (``references_cut``).
     ``log_perplexity`` is per example (mean NLL per answer token, None where skipped), in the
     order of ``examples``: what paired comparisons of two models use. ``passages``: each
-    prompt's sources (retrieval), aligned with ``examples``.
+    prompt's sources (retrieval), aligned with ``examples``. ``autocast``: run the model under
+    autocast to this dtype (the NLL itself is always taken in fp32).
     """
     fmt = copy.copy(fmt)
     fmt.answer_truncation = "no_eos"  # a cut reference has no end to predict
@@ -205,12 +214,15 @@ def perplexity_and_accuracy(model, fmt: PromptFormat, family: ModelFamily, examp
     total_nll, correct, count = 0.0, 0, 0
     device = model_device(model)
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+    cast = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = fmt.collate([features[i] for i in chunk])
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits, targets = family.answer_logits(model, batch, prune_head)
+            with cast:
+                logits, targets = family.answer_logits(model, batch, prune_head)
+            logits = logits.float()
             nll = F.cross_entropy(logits, targets, reduction="none")
             total_nll += float(nll.sum())
             correct += int((logits.argmax(-1) == targets).sum())
