@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from medassist.config import EvalConfig
 from medassist.data import QAExample
@@ -188,6 +187,9 @@ def rouge_l(candidates: Sequence[str], references: Sequence[str]) -> list[float]
 
 # ---------------------------------------------------------------------------------------
 # perplexity and token accuracy (teacher forcing, the training mask, the answer-only head)
+HEAD_CHUNK = 512  # answer positions scored at a time by the LM head (perplexity, token accuracy)
+
+
 def perplexity_and_accuracy(model, fmt: PromptFormat, family: ModelFamily, examples: Sequence[QAExample],
                             batch_size: int = 8, prune_head: bool | None = None,
                             passages: Sequence[Sequence[Passage]] | None = None,
@@ -197,7 +199,7 @@ def perplexity_and_accuracy(model, fmt: PromptFormat, family: ModelFamily, examp
     ``perplexity = exp(sum of -log p(token) / n)`` and ``token_accuracy = (argmax == token) / n``
     over the n supervised tokens of ``fmt.encode`` (answer tokens, and the EOS of answers that
     fit). Prompt and padding positions never count; logits come from the family's answer-only
-    head (:meth:`ModelFamily.answer_logits`). Examples with no answer token within the length
+    head in chunks (:meth:`ModelFamily.answer_scores`). Examples with no answer token within the length
     limits are skipped and counted; references cut to fit are counted (``references_cut``).
     ``log_perplexity`` is per example (mean NLL per answer token, None where skipped), in the
     order of ``examples``: what paired comparisons of two models use. ``passages``: each
@@ -220,12 +222,11 @@ def perplexity_and_accuracy(model, fmt: PromptFormat, family: ModelFamily, examp
             chunk = order[start : start + batch_size]
             batch = fmt.collate([features[i] for i in chunk])
             batch = {k: v.to(device) for k, v in batch.items()}
-            with cast:
-                logits, targets = family.answer_logits(model, batch, prune_head)
-            logits = logits.float()
-            nll = F.cross_entropy(logits, targets, reduction="none")
+            with cast:  # the head in chunks of positions: no answer-tokens x vocabulary tensor
+                nll, hits, targets = family.answer_scores(model, batch, prune_head, chunk_size=HEAD_CHUNK)
+            nll = nll.float()
             total_nll += float(nll.sum())
-            correct += int((logits.argmax(-1) == targets).sum())
+            correct += int(hits.sum())
             count += int(targets.numel())
             # the head keeps supervised positions in row order, so each row's count splits them
             per_row = (batch["labels"] != IGNORE_INDEX).sum(1).tolist()
