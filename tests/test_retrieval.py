@@ -252,3 +252,11 @@ def test_cli_build_eval_search(tmp_path, corpus, index_dir, capsys):
     assert _cli(["index", "build", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")]) == 2
     assert "file not found" in capsys.readouterr().err
     assert _cli(["index", "eval", str(index_dir), "--data", str(corpus), "--k", "x"]) == 2
+
+
+def test_cli_build_takes_a_bundled_data_name(tmp_path, capsys, monkeypatch):
+    """`medassist index build sample --out DIR` (or `medquad`), from any working directory."""
+    monkeypatch.chdir(tmp_path)
+    assert _cli(["index", "build", "sample", "--out", str(tmp_path / "idx"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "built" in out and "sample_medical_qa.csv" in (tmp_path / "idx" / "manifest.json").read_text()

@@ -112,8 +112,9 @@ def add_commands(subparsers) -> None:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from medassist.retrieval.index import build_index
 
-    if not Path(args.data).is_file():
-        raise DataError(f"{args.data}: file not found")
+    from medassist.tables import resolve_data_path
+
+    args.data = str(resolve_data_path(args.data))  # a file, or a bundled name (medquad, sample)
     bars = _Bars(not args.quiet)
     try:
         result = build_index(args.data, args.out, force=args.force, progress=bars, encoder=args.encoder,
