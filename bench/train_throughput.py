@@ -52,6 +52,9 @@ MEDASSIST_VARIANTS = {
     "medassist-mlp-recompute": {"recompute_mlp_activation": True},
     "medassist-grad-ckpt": {"gradient_checkpointing": True},
     "medassist-lean": {"bf16_frozen_weights": True, "head_chunk_size": 512, "recompute_mlp_activation": True},
+    # the default recipe without its memory settings (one batch of 8, no switches)
+    "medassist-plain": {"batch_size": 8, "grad_accum": 1, "bf16_frozen_weights": False, "head_chunk_size": None,
+                        "recompute_mlp_activation": False},
 }
 
 

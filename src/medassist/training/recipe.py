@@ -39,7 +39,7 @@ from medassist.training.examples import (
     TokenizedSplit, _test_subset, to_dataset, tokenize_examples, validation_loss_subset,
 )
 from medassist.training.precision import resolve_precision
-from medassist.training.speed import bf16_frozen_weights, recompute_swiglu
+from medassist.training.speed import bf16_frozen_weights, recompute_swiglu, release_freed_memory
 from medassist.training.summary import run_summary, steps_line, write_summary
 from medassist.training.trainer import (
     GracefulStop, JsonlMetricsCallback, MedassistTrainer, columns_collator, training_arguments,
@@ -140,6 +140,7 @@ def train(
     if cfg.report and data.splits["test"]:
         from medassist.evaluation import evaluate_run_after_training
 
+        release_freed_memory()
         reporting = time.perf_counter()
         # rank 0 evaluates the whole test split (same numbers as one process); the others wait
         base_name = None if uses_lora(cfg, family) else cfg.model

@@ -202,6 +202,20 @@ def _off_the_file(model, cast: list[str]) -> None:
                 tensor.data = tensor.data.clone()
 
 
+def release_freed_memory() -> None:
+    """Give the pages that training freed back to the OS before evaluation starts (glibc keeps
+    freed heap memory in its arenas, so the process would carry training's peak into the
+    report); a no-op where the C library has no ``malloc_trim``."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def recompute_swiglu(model) -> int:
     """Decoder MLPs of the form ``down(silu(gate(x)) * up(x))`` (Llama, Qwen2/3, Mistral) keep
     ``gate(x)`` and ``up(x)`` for backward and recompute ``silu(gate(x))`` there, instead of
