@@ -73,12 +73,17 @@ def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 2.0) -> float:
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)  # warm up (oneDNN picks its kernel on the first call)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where training runs: its peak
+    n = 8192 if device == "cuda" else n
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    torch.mm(a, b)  # warm up (oneDNN / cuBLAS pick their kernel on the first call)
+    sync()
     best, start = float("inf"), time.perf_counter()
     while time.perf_counter() - start < seconds:
         t = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 

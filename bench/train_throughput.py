@@ -205,7 +205,7 @@ def run_original(args, train_rows, heldout, tmp: Path) -> dict:
     sft = SFTConfig(
         output_dir=str(tmp / "run"), max_steps=args.steps, per_device_train_batch_size=ORIGINAL["batch_size"],
         max_length=ORIGINAL["max_length"], packing=False, train_sampling_strategy="group_by_length",
-        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
+        bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
         learning_rate=default.learning_rate, lr_scheduler_type=default.lr_scheduler,
         warmup_steps=default.warmup_ratio, weight_decay=default.weight_decay, max_grad_norm=default.max_grad_norm,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], seed=default.seed,
