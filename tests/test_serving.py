@@ -714,3 +714,21 @@ def test_serve_command_checks_its_options(monkeypatch):
         args = _parse(["serve", "--model", "tiny-qwen3", "--port", str(busy.getsockname()[1])])
         with pytest.raises(MedassistError, match="cannot listen"):
             args.func(args)
+
+
+def test_a_run_is_served_with_the_repetition_rules_it_was_evaluated_with():
+    """eval.no_repeat_ngram_size / repetition_penalty of a run are its decoding everywhere:
+    the assistant (generate, chat, serve) answers exactly what evaluation generated."""
+    from medassist.config import TrainConfig
+    from medassist.models import LoadedModel, load_for_inference
+    from medassist.serving.assistant import run_decoding
+
+    base = load_for_inference("tiny-qwen3")
+    cfg = TrainConfig(eval={"no_repeat_ngram_size": 2, "max_new_tokens": 24})
+    run = LoadedModel(base.model, base.tokenizer, base.family, cfg, "run")
+    assert run_decoding(run) == {"no_repeat_ngram_size": 2} and run_decoding(base) == {}
+    served = Assistant(run).generate("What is flu?", settings=sampling(24)).text
+    evaluated = run.engine(run.format()).answer(["What is flu?"], cfg.eval.generation(seed=0))[0].text
+    plain = Assistant(LoadedModel(base.model, base.tokenizer, base.family, TrainConfig(), "run")).generate(
+        "What is flu?", settings=sampling(24)).text
+    assert served == evaluated and served != plain

@@ -220,7 +220,8 @@ def _write_gguf_and_modelfile(loaded, tmp: Path, name: str, gguf_type: str, log:
     opener = tok(shape.user_prefix, add_special_tokens=False).input_ids[:1] if shape.user_prefix else []
     if opener and opener[0] in tok.all_special_ids and opener[0] not in stops:
         stop_texts.append(tok.decode(opener, skip_special_tokens=False))  # a new turn: the model ran on
-    serve, generation = ServeConfig(), GenerationSettings()
+    serve = ServeConfig()
+    generation = loaded.config.eval if loaded.config is not None else GenerationSettings()  # as evaluated
     parameters = {"temperature": f"{serve.temperature:g}", "top_p": f"{serve.top_p:g}",
                   "repeat_penalty": f"{generation.repetition_penalty:g}", "num_predict": str(serve.default_max_tokens)}
     header = f"Modelfile for {name}: written by medassist {__version__} from run {loaded.source or '?'}"

@@ -51,6 +51,18 @@ def sampling(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
         raise RequestError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
+def run_decoding(loaded: LoadedModel) -> dict[str, Any]:
+    """The repetition rules a run was evaluated with (``eval.repetition_penalty``,
+    ``eval.no_repeat_ngram_size``) where they differ from plain decoding: served answers are
+    decoded as the evaluated ones were. Empty for models medassist did not train."""
+    ecfg = loaded.config.eval if loaded.config is not None else None
+    if ecfg is None:
+        return {}
+    rules = {"repetition_penalty": ecfg.repetition_penalty, "no_repeat_ngram_size": ecfg.no_repeat_ngram_size}
+    plain = GenerationSettings()
+    return {k: v for k, v in rules.items() if v != getattr(plain, k)}
+
+
 class Assistant:
     """Answers questions with one model.
 
@@ -73,6 +85,7 @@ class Assistant:
         elif loaded.config is None and fmt.system_prompt is None and fmt.uses_chat_template:
             fmt = fmt.with_system_prompt(DEFAULT_SYSTEM_PROMPT)
         self.fmt = fmt
+        self.decoding = run_decoding(loaded)
         self.engine = loaded.engine(fmt)
         # with batch_rows, generations are rows of one shared batch (where the model allows)
         self.batched = bool(batch_rows) and self.engine.serve_batched(batch_rows)
@@ -148,6 +161,8 @@ class Assistant:
               on_finish: Callable[[], None] | None = None) -> Stream:
         """Start generating: a row of the shared batch, or a worker thread (see
         :class:`~medassist.streaming.Stream`)."""
+        if self.decoding:  # the run's evaluated decoding (repetition rules), whatever the request
+            settings = settings.model_copy(update=self.decoding)
         return self.engine.stream(prompt_ids, settings, sink, on_finish)
 
     def close(self) -> None:
