@@ -78,17 +78,19 @@ class CountingCollator:
         })
         return batch
 
-    def totals(self, steps: int) -> dict:
-        """Counts for the first ``steps`` batches (the loader may fetch one ahead)."""
-        used = self.batches[:steps]
+    def totals(self, steps: int, accum: int = 1) -> dict:
+        """Counts for the first ``steps`` optimizer steps of ``accum`` batches each (the loader
+        may fetch one ahead)."""
+        used = self.batches[:steps * accum]
+        groups = [used[i:i + accum] for i in range(0, len(used), accum)]
         return {
             "tokens": sum(sum(b["lengths"]) for b in used),
             "supervised_tokens": sum(sum(b["supervised"]) for b in used),
             "padded_tokens": sum(b["padded"] for b in used),
-            "step_sequences": [list(zip(b["lengths"], b["supervised"])) for b in used],
+            "step_sequences": [[s for b in g for s in zip(b["lengths"], b["supervised"])] for g in groups],
             # per step, to leave out step 1 (page-in of the weights, oneDNN kernel creation)
-            "step_tokens": [sum(b["lengths"]) for b in used],
-            "step_supervised": [sum(b["supervised"]) for b in used],
+            "step_tokens": [sum(sum(b["lengths"]) for b in g) for g in groups],
+            "step_supervised": [sum(sum(b["supervised"]) for b in g) for g in groups],
         }
 
 
@@ -173,7 +175,7 @@ def run_medassist(args, train_rows, heldout, tmp: Path, extra: dict) -> dict:
     losses = [e["loss"] for e in _read_jsonl(result.run_dir / "metrics.jsonl") if "loss" in e]
     loaded = load_for_inference(str(result.run_dir))
     fmt = loaded.family.make_format(loaded.tokenizer, cfg)
-    counts = counter["c"].totals(summary["steps"])
+    counts = counter["c"].totals(summary["steps"], cfg.grad_accum)
     assert counts["supervised_tokens"] == summary["supervised_tokens"], (counts, summary)
     step_ends = [e["time"] for e in _read_jsonl(result.run_dir / "metrics.jsonl") if "loss" in e]
     return {
