@@ -658,6 +658,10 @@ def test_chat_process_exits_cleanly_on_ctrl_c():
         [sys.executable, "-m", "medassist", "chat", "--model", "tiny-t5", "--max-new-tokens", "4", "--threads", "1"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # as in a terminal: Ctrl-C has its default action, whatever an earlier test left in this
+        # process (an ignored SIGINT is inherited across exec, and Python then never raises
+        # KeyboardInterrupt)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         proc.stdin.write(QUESTION.encode() + b"\n")
