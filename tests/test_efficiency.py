@@ -182,15 +182,21 @@ def test_head_in_chunks_gives_the_same_loss_and_grads_without_full_logits(tmp_pa
     assert rows and max(rows) <= 7  # never positions x vocab at once (backward recomputes chunks too)
 
 
+def _setup_live_lora(tmp_path):
+    """``_setup`` with LoRA whose B matrices are non-zero: a live adapter path."""
+    trainer, fmt, data = _setup(tmp_path, lora=True)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return trainer, fmt, data
+
+
 def test_head_in_chunks_under_bf16_autocast_tracks_the_one_shot_head(tmp_path):
     # the projection runs in bf16 as F.linear under autocast would; the gradient differs from
     # the one-shot head's only by bf16 rounding (where the incoming gradient is applied)
-    trainer, fmt, data = _setup(tmp_path, lora=True)
+    trainer, fmt, data = _setup_live_lora(tmp_path)
     model = trainer.model
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)  # a live adapter path
     batch = fmt.collate([data[i] for i in (0, 3, 9, 14)])
 
     def loss():
@@ -239,12 +245,8 @@ def _saved_bytes(fn) -> int:
 def test_mlp_activation_recomputed_gives_the_same_loss_and_grads_bit_for_bit_and_keeps_less(tmp_path):
     from medassist.training.speed import recompute_swiglu
 
-    trainer, fmt, data = _setup(tmp_path, lora=True)
+    trainer, fmt, data = _setup_live_lora(tmp_path)
     model = trainer.model
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
     model.train()
     batch = fmt.collate([data[i] for i in (0, 3, 9, 14)])
 
