@@ -228,6 +228,79 @@ def test_no_held_out_reference_is_retrievable_during_its_own_evaluation(tmp_path
     assert sources.retriever.blocked is not None and sources.retriever.blocked.sum() == 4  # T and V rows
 
 
+SJOGREN_SYMPTOMS = ("What are the symptoms of Sjogren syndrome ?", "Dry eyes and a dry mouth are the main "
+                    "symptoms of Sjogren syndrome; joint pain and tiredness are common.", "Sjogren syndrome", "T",
+                    "u/sjogren-t")  # a second row of the held-out page: citable only with heldout_corpus=open
+
+
+@pytest.fixture(scope="module")
+def open_corpus_index(tmp_path_factory):
+    """The full corpus plus a sibling row on the held-out Sjogren page, indexed."""
+    folder = tmp_path_factory.mktemp("open")
+    with open(folder / "qa.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["question", "answer", "focus", "source", "url", "qtype"])
+        for q, a, f, s, u in [*ROWS, SJOGREN_SYMPTOMS]:
+            writer.writerow([q, a, f, s, u, "information"])
+    build_index(folder / "qa.csv", folder / "idx", max_tokens=64, chunk_words=40)
+    return folder / "qa.csv", folder / "idx"
+
+
+def test_open_heldout_corpus_cites_other_rows_of_an_unseen_collection_but_training_never_sees_them(
+        tmp_path, open_corpus_index):
+    data, index = open_corpus_index
+    base = [f"data.path={data}", *HOLDOUT, "retrieval.enabled=true", "retrieval.k=3", f"retrieval.index={index}",
+            "retrieval.min_score=0.0", "retrieval.distractor_share=0.5"]
+    from medassist.data import prepare_data
+
+    found = {}
+    for mode in ("blocked", "open"):
+        cfg = load_config(None, [*base, f"retrieval.heldout_corpus={mode}"])
+        splits = prepare_data(cfg.data, cfg.seed).splits
+        sources = run_sources(cfg, tmp_path / mode, splits)
+        for r in sources.by_split["train"]:  # relevant and distractor passages alike
+            assert all(h.source not in ("T", "V") for h in r.hits)
+        for split in ("validation", "test"):
+            for ex, r in zip(splits[split], sources.by_split[split]):
+                assert all(h.group != question_key(ex.question) for h in r.hits)
+                assert all(" ".join(h.text.split()) not in " ".join(ex.answer.split()) for h in r.hits)
+                found[mode, ex.question] = {(h.source, h.url) for h in r.hits}
+    what_is, symptoms = "What is (are) Sjogren syndrome ?", SJOGREN_SYMPTOMS[0]
+    assert all(source not in ("T", "V") for (mode, _), hits in found.items() if mode == "blocked"
+               for source, _ in hits)
+    assert ("T", "u/sjogren-t") in found["open", what_is]  # the other row of its page
+    assert ("T", "u/sjogren-t") in found["open", symptoms]
+    assert sources.info()["heldout_corpus"] == "open" and sources.info()["blocked_passages"] == 0
+
+
+def test_evaluate_cli_with_an_open_heldout_corpus_cites_the_unseen_page(run_dir, tmp_path, open_corpus_index):
+    _, index = open_corpus_index
+    out = tmp_path / "eval.json"
+    code = main(["evaluate", "--model", str(run_dir), "--no-baselines", "--output", str(out), "--index", str(index),
+                 "--set", "retrieval.heldout_corpus=open", "--set", "eval.max_new_tokens=4",
+                 "--set", "eval.bootstrap_resamples=100", "--set", "eval.retrieval_baseline=false"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    r = result["retrieval"]
+    assert r["heldout_corpus"] == "open" and r["own_reference_hits"] == 0 and r["blocked_passages"] == 0
+    assert r["reference_overlap"] == pytest.approx(0.0)  # the sibling row restates nothing of the reference
+    by_question = {e["question"]: e["sources"] for e in result["examples"]}
+    assert "u/sjogren-t" in {s["url"] for s in by_question["What is (are) Sjogren syndrome ?"]}
+
+
+def test_reference_overlap_counts_the_reference_8_grams_a_passage_restates():
+    from medassist.evaluation.grounding import reference_overlap
+    from medassist.retrieval.search import Hit
+
+    example = QAExample("q", "One two three four five six seven eight nine ten", row=1)  # three 8-grams
+    def hit(text):
+        return Hit(text, "t", "u", 1.0, "g", 2, 0)
+    assert reference_overlap(example, [hit("one two three four five six seven eight and more")]) == pytest.approx(1 / 3)
+    assert reference_overlap(example, [hit("x " + example.answer)]) == pytest.approx(1.0)
+    assert reference_overlap(example, [hit("two three four five six seven eight")]) == 0.0
+    assert reference_overlap(example, []) == 0.0
+
+
 # ---------------------------------------------------------------------------------------
 # a run trained with retrieval, and its evaluation
 def test_run_trains_with_sources_and_evaluates_with_and_without_them(run_dir):

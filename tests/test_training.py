@@ -232,3 +232,23 @@ def test_cli_train_ends_with_the_verdicts_and_shows_progress_of_the_final_evalua
     assert out.splitlines()[1].startswith("better than the base model: ")
     assert "model minus" in out and "95% interval" in out and f"report: {run / 'report' / 'report.html'}" in out
     assert "generating (model)" in captured.err and "generating (base model)" in captured.err
+
+
+def test_memory_trim_every_n_steps_and_after_each_batch_of_the_final_evaluation(tmp_path, monkeypatch):
+    """`memory_trim_steps: 2` over 4 steps trims after steps 2 and 4, after the final validation
+    loss, once before the report and each time its generation reports progress (once per finished
+    answer: 4 test questions for the model, 4 for the base model); without the setting only the
+    one before the report runs."""
+    from medassist.training import recipe, speed
+
+    steps = []
+    monkeypatch.setattr(recipe, "release_freed_memory", lambda: steps.append("recipe"))
+    monkeypatch.setattr(speed, "release_freed_memory", lambda: steps.append("eval"))
+    argv = ["train", "--set", "model=tiny-qwen3", "--set", "max_steps=4", "--set", "eval_strategy=no",
+            "--set", "save_strategy=no", "--set", "eval.generation_metrics=false", "--set", "eval.test_limit=4",
+            "--set", "eval.batch_size=2", "--set", "eval.max_new_tokens=2", "--set", "eval.retrieval_baseline=false"]
+    assert main([*argv, "--set", "memory_trim_steps=2", "--output-dir", str(tmp_path / "trim")]) == 0
+    assert steps == ["recipe"] * 4 + ["eval"] * 8, steps
+    steps.clear()
+    assert main([*argv, "--output-dir", str(tmp_path / "plain")]) == 0
+    assert steps == ["recipe"]

@@ -118,7 +118,7 @@ def _retrieve(args, cfg, run_dir: Path | None, examples, train):
     """Each example's passages from the run's (or --index) index; its own rows never come back."""
     from medassist.cli.index import _Bars
     from medassist.data import read_split
-    from medassist.retrieval.augment import RunSources, cached_retrieve, describe, open_index
+    from medassist.retrieval.augment import RunSources, cached_retrieve, describe, open_book, open_index
 
     heldout = list(examples)
     if run_dir is not None:  # the run's held-out splits too: a built corpus may contain them
@@ -128,6 +128,7 @@ def _retrieve(args, cfg, run_dir: Path | None, examples, train):
     try:
         retriever = open_index(cfg.retrieval, run_dir, train or [], heldout, None if args.data else cfg.data,
                                bars, say)
+        open_book(retriever, cfg.retrieval)
         rcfg = cfg.retrieval.model_copy(update={"exclude_own_group": True})
         cache = run_dir / "retrieval" / f"eval_{args.split}.jsonl" if run_dir is not None and not args.data else None
         retrieved, _ = cached_retrieve(cache, retriever, examples, rcfg, progress=bars)
@@ -330,7 +331,8 @@ def retrieval_lines(r) -> str:
             f"{r.with_source} of {r.n_examples} questions had a source; {r.mean_passages_in_prompt:.2f} passages "
             f"per prompt; recall@{r.k} {pct(r.recall_at_k)} (same focus {pct(r.recall_focus_at_k)}, same page "
             f"{pct(r.recall_url_at_k)}; {r.n_labelled} questions with focus/url); own rows in prompts: "
-            f"{r.own_reference_hits}\nsupport by the sources (factual consistency with the passages; supported "
+            f"{r.own_reference_hits}; reference 8-grams in the passages {pct(r.reference_overlap)}"
+            f"{'; held-out collections open' if r.heldout_corpus == 'open' else ''}\nsupport by the sources (factual consistency with the passages; supported "
             f">= {r.support_threshold:g}): {support or '-'}")
 
 

@@ -134,6 +134,11 @@ class RetrievalConfig(Section):
     exclude_own_group: bool = Field(
         True, description="Never retrieve an example's own question group or its own answer text for itself "
         "(otherwise training teaches copying the answer from the prompt).")
+    heldout_corpus: Literal["blocked", "open"] = Field(
+        "blocked", description="With a built `index` that holds the held-out collections: `blocked` never "
+        "returns their passages; `open` lets validation/test questions (never training prompts) retrieve "
+        "their *other* rows, as an assistant given the whole vetted corpus would: each question's own "
+        "question group and any copy of its answer text are still excluded.")
 
 
 class TrainConfig(Section):
@@ -202,6 +207,12 @@ class TrainConfig(Section):
         False, description="Decoder MLPs of the SwiGLU form (Llama, Qwen, Mistral): keep gate(x) and up(x) for "
         "backward and recompute silu(gate(x)) there instead of keeping it too (a quarter of the MLP's saved "
         "activations; the same gradients bit for bit, one SiLU per layer more in backward).",
+    )
+    memory_trim_steps: int | None = Field(
+        None, ge=1, description="Hand the heap pages that freed activations left behind back to the OS every N "
+        "optimizer steps, and as the final evaluation's answers finish (glibc `malloc_trim`; a no-op "
+        "elsewhere). Every batch has its own shape, so without it RSS grows with the run instead of staying "
+        "at the live memory (bench/RESULTS.md, \"Memory\"). null = only once, before the final evaluation.",
     )
 
     # bookkeeping

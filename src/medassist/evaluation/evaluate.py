@@ -197,7 +197,8 @@ def _grounding(engine: Engine, examples: list[QAExample], retrieved: Sequence[Re
     kept = [len(p) for p in in_prompt]
     summary = grounding.summarize(examples, retrieved, kept, support, index=str(info.get("index", "")),
                                   k=int(info.get("k", 0)), min_score=float(info.get("min_score", 0.0)),
-                                  blocked=int(info.get("blocked_passages", 0)))
+                                  blocked=int(info.get("blocked_passages", 0)),
+                                  heldout_corpus=str(info.get("heldout_corpus", "blocked")))
     return summary, kept
 
 

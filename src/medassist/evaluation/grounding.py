@@ -12,6 +12,8 @@ For a model that answers from retrieved passages (``retrieval.enabled``, or ``ev
   :data:`SUPPORTED` or more. Scored for every system that generated from the same questions
   (the model, the same model without retrieval, the base model), so the difference says
   whether the sources in the prompt, not the topic, made the answer agree with them.
+- **reference overlap**: the share of each reference's word 8-grams found in its prompt's
+  passages (mean): near 0 unless a source restates the answer being scored (a leak).
 """
 
 from __future__ import annotations
@@ -52,13 +54,26 @@ def own_reference(hit: Hit, example: QAExample) -> bool:
     return hit.group == question_key(example.question) or own_text(hit, " ".join(example.answer.split()).casefold())
 
 
+def reference_overlap(example: QAExample, hits: Sequence[Hit], n: int = 8) -> float:
+    """The share of the reference's word ``n``-grams that the prompt's passages contain: a leak
+    check (passages that restate the reference would make a retrieval win meaningless)."""
+    def grams(text: str) -> set[tuple[str, ...]]:
+        words = text.casefold().split()
+        return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+    reference = grams(example.answer)
+    if not reference or not hits:
+        return 0.0
+    return len(reference & set().union(*(grams(h.text) for h in hits))) / len(reference)
+
+
 def _share(values: list[bool]) -> float | None:
     return fmean(values) if values else None
 
 
 def summarize(examples: Sequence[QAExample], retrieved: Sequence[Retrieved], in_prompt: Sequence[int],
               support: dict[str, list[float | None]], *, index: str, k: int, min_score: float,
-              blocked: int = 0):
+              blocked: int = 0, heldout_corpus: str = "blocked"):
     """The :class:`~medassist.evaluation.results.RetrievalEval` of one evaluation."""
     from medassist.evaluation.results import RetrievalEval
 
@@ -82,7 +97,9 @@ def summarize(examples: Sequence[QAExample], retrieved: Sequence[Retrieved], in_
         source_support={name: _mean(values) for name, values in support.items()},
         supported_share={name: _share([v >= SUPPORTED for v in values if v is not None])
                           for name, values in support.items()},
-        blocked_passages=blocked,
+        blocked_passages=blocked, heldout_corpus=heldout_corpus,
+        reference_overlap=_mean([reference_overlap(ex, r.hits[:kept])
+                                 for ex, r, kept in zip(examples, retrieved, in_prompt)]),
         own_reference_hits=sum(own_reference(h, ex) for ex, r in zip(examples, retrieved) for h in r.hits),
     )
 

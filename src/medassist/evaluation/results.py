@@ -182,6 +182,8 @@ class RetrievalEval(_Model):
     source_support: dict[str, float | None] = Field(default_factory=dict)
     supported_share: dict[str, float | None] = Field(default_factory=dict)
     blocked_passages: int = 0
+    heldout_corpus: str = "blocked"  # "open": held-out collections' other rows were citable
+    reference_overlap: float | None = None  # mean share of the reference's 8-grams in its prompt's passages
     own_reference_hits: int = 0
 
 

@@ -6,7 +6,9 @@ With ``retrieval.enabled`` (:class:`~medassist.config.RetrievalConfig`) a run go
    only* into ``RUN/retrieval/index`` (skipped when it was already built from the same rows).
    Passages of held-out questions (their question groups) and, with ``data.holdout_column``, of
    held-out values (whole collections) are blocked, so a built corpus that contains them can
-   be used without leaking a held-out reference into its own prompt;
+   be used without leaking a held-out reference into its own prompt. With
+   ``heldout_corpus: open`` they stay blocked for training prompts only: a held-out question may
+   then cite the *other* rows of its unseen collection (never its own group or answer text);
 2. **the passages** (:func:`retrieve`): each example's top ``k`` passages scoring at least
    ``min_score`` (fewer, or none: then the prompt carries no sources, as at serving time). With
    ``exclude_own_group`` an example's own question group and any passage of its own answer text
@@ -104,6 +106,13 @@ def open_index(rcfg: RetrievalConfig, run_path: Path | None, train: Sequence[QAE
     if blocked:
         log(f"retrieval: {blocked} passages of held-out questions or collections are never returned")
     return retriever
+
+
+def open_book(retriever: Retriever, rcfg: RetrievalConfig) -> None:
+    """Held-out questions' view of the index: with ``heldout_corpus: open`` nothing is blocked
+    (each query still excludes its own group and answer text: ``exclude_own_group``)."""
+    if rcfg.heldout_corpus == "open":
+        retriever.block(None)
 
 
 def heldout_mask(retriever: Retriever, heldout: Sequence[QAExample], data_cfg: DataConfig | None) -> np.ndarray:
@@ -266,7 +275,8 @@ class RunSources:
         blocked = self.retriever.blocked
         return {"index": str(self.retriever.index_dir), "k": self.rcfg.k,
                 "min_score": min_score_of(self.retriever, self.rcfg), "variant": DEFAULT_VARIANT,
-                "blocked_passages": 0 if blocked is None else int(blocked.sum())}
+                "blocked_passages": 0 if blocked is None else int(blocked.sum()),
+                "heldout_corpus": self.rcfg.heldout_corpus}
 
     def summary(self, train_tok=None) -> dict:
         """What train_summary.json records about retrieval."""
@@ -293,16 +303,19 @@ def run_sources(cfg: TrainConfig, run_path: Path, splits: dict[str, list[QAExamp
     """Open (or build) the run's index and retrieve for every split, through the cache.
 
     Training examples get the distractor share; validation and test examples never do, and
-    always have their own group excluded (their rows are not indexed anyway)."""
+    always have their own group excluded (their rows are not indexed anyway). Training prompts
+    never see held-out passages; with ``heldout_corpus: open`` held-out questions do (not their own)."""
     rcfg = cfg.retrieval
     heldout = [*splits.get("validation", []), *splits.get("test", [])]
     retriever = open_index(rcfg, run_path, splits.get("train", []), heldout, cfg.data, progress, log)
     sources = RunSources(retriever, rcfg)
-    for split, examples in splits.items():
+    for split, examples in sorted(splits.items(), key=lambda item: item[0] != "train"):  # training first
         if not examples:
             sources.by_split[split] = []
             continue
         training = split == "train"
+        if not training:
+            open_book(retriever, rcfg)
         settings = rcfg if training else rcfg.model_copy(update={"exclude_own_group": True})
         retrieved, cached = cached_retrieve(Path(run_path) / "retrieval" / f"{split}.jsonl", retriever, examples,
                                             settings, cfg.seed, distractors=training, progress=progress)

@@ -39,10 +39,10 @@ from medassist.training.examples import (
     TokenizedSplit, _test_subset, to_dataset, tokenize_examples, validation_loss_subset,
 )
 from medassist.training.precision import resolve_precision
-from medassist.training.speed import bf16_frozen_weights, recompute_swiglu, release_freed_memory
+from medassist.training.speed import bf16_frozen_weights, recompute_swiglu, release_freed_memory, trimming
 from medassist.training.summary import run_summary, steps_line, write_summary
 from medassist.training.trainer import (
-    GracefulStop, JsonlMetricsCallback, MedassistTrainer, columns_collator, training_arguments,
+    GracefulStop, JsonlMetricsCallback, MedassistTrainer, TrimMemory, columns_collator, training_arguments,
 )
 
 
@@ -147,7 +147,7 @@ def train(
         model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # as served: no autocast
         result.report = run_on_main_process(lambda: evaluate_run_after_training(
             run, model, fmt, family, _test_subset(data.splits["test"], cfg), cfg, base_name, log, sources=sources,
-            progress=progress))
+            progress=trimming(progress) if cfg.memory_trim_steps else progress))
         timing["report"] = time.perf_counter() - reporting
         write_summary(trainer, run, summary, start)
     log(f"trained {steps_line(summary)} in {fitted.wall:.1f} s "
@@ -284,7 +284,8 @@ def build_trainer(cfg: TrainConfig, run: RunDir, model, tokenizer, family: Model
         eval_dataset=to_dataset(val_loss_rows),
         data_collator=columns_collator(fmt),
         processing_class=tokenizer,
-        callbacks=[JsonlMetricsCallback(run.metrics_file)],
+        callbacks=[JsonlMetricsCallback(run.metrics_file),
+                   *([TrimMemory(cfg.memory_trim_steps, release_freed_memory)] if cfg.memory_trim_steps else [])],
         family=family,
         prune_head=cfg.lm_head_on_answer_only,
         generation_eval=generation_eval,

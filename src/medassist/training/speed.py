@@ -216,6 +216,21 @@ def release_freed_memory() -> None:
         pass
 
 
+def trimming(progress=None):
+    """A progress factory (``(label, total) -> update(n)``, as the evaluation takes) whose every
+    update first calls :func:`release_freed_memory` (the evaluation reports each finished answer or
+    batch). ``progress`` None: trimming only."""
+    def factory(label: str, total: int):
+        update = progress(label, total) if progress is not None else None
+
+        def step(n: int) -> None:
+            release_freed_memory()
+            if update is not None:
+                update(n)
+        return step
+    return factory
+
+
 def recompute_swiglu(model) -> int:
     """Decoder MLPs of the form ``down(silu(gate(x)) * up(x))`` (Llama, Qwen2/3, Mistral) keep
     ``gate(x)`` and ``up(x)`` for backward and recompute ``silu(gate(x))`` there, instead of

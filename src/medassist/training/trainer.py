@@ -261,6 +261,21 @@ class GracefulStop(TrainerCallback):
         return control
 
 
+class TrimMemory(TrainerCallback):
+    """:func:`~medassist.training.speed.release_freed_memory` every ``every`` optimizer steps (and
+    after each evaluation): RSS stays near what is alive instead of keeping every freed batch."""
+
+    def __init__(self, every: int, release: Callable[[], None]):
+        self.every, self.release = every, release
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            self.release()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.release()
+
+
 class JsonlMetricsCallback(TrainerCallback):
     """Appends every log event (train loss, eval metrics) as one JSON line; main process only."""
 
