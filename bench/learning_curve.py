@@ -6,8 +6,9 @@
         200=runs/exp/r200/eval_test.json \\
         300=runs/exp/e1-base300/eval_test_checkpoint-300.json --out docs/recipe_curve.png
 
-Each point is ``STEP=EVAL.json[:SYSTEM]`` (SYSTEM: ``model`` by default, or a baseline stored
-in that file such as ``base_model``, the untuned model = step 0). All files must score the same
+Each point is ``[LABEL@]STEP=EVAL.json[:SYSTEM]`` (SYSTEM: ``model`` by default, or a baseline
+stored in that file such as ``base_model``, the untuned model = step 0; LABEL: one curve per
+label, e.g. ``with retrieval@100=...`` beside ``without@100=...``). All files must score the same
 questions (``medassist evaluate`` of a run and of its checkpoints does). Prints a Markdown
 table of each metric's mean with its 95% bootstrap interval and writes the plot.
 """
@@ -35,26 +36,33 @@ def main() -> int:
     from medassist.evaluation.stats import mean_ci
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("points", nargs="+", metavar="STEP=EVAL.json[:SYSTEM]")
+    parser.add_argument("points", nargs="+", metavar="[LABEL@]STEP=EVAL.json[:SYSTEM]")
     parser.add_argument("--out", type=Path, help="write the plot here (PNG)")
     args = parser.parse_args()
-    curve, questions = [], None
+    curves: dict[str, list] = {}
+    questions = None
     for point in args.points:
-        step, _, ref = point.partition("=")
+        label, _, point_ref = point.rpartition("@")
+        step, _, ref = point_ref.partition("=")
         path, _, system = ref.partition(":")
         asked, values, stats = per_example(Path(path), system or "model")
         if questions is not None and asked != questions:
             raise SystemExit(f"{path}: scores other questions than {args.points[0]}; curves need the same questions")
         questions = asked
-        curve.append((int(step), {k: (sum(v) / len(v), *mean_ci(v)) for k, v in values.items()}, stats))
-    curve.sort(key=lambda c: c[0])
-    print(f"| step | {' | '.join(label for _, label in METRICS)} | mean answer tokens | cut at the limit | repeated trigrams |")
-    print("|---" * (len(METRICS) + 4) + "|")
-    for step, cis, stats in curve:
-        cells = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in (cis[k] for k, _ in METRICS)]
-        answers = stats.get("answers") or {}
-        print(f"| {step} | {' | '.join(cells)} | {stats.get('mean_generated_tokens', 0):.0f} | "
-              f"{100 * (stats.get('hit_max_new_tokens') or 0):.0f}% | {100 * (answers.get('repetition_rate') or 0):.1f}% |")
+        curves.setdefault(label, []).append((int(step), {k: (sum(v) / len(v), *mean_ci(v)) for k, v in values.items()},
+                                             stats))
+    labelled = any(curves)
+    print(f"|{' curve |' if labelled else ''} step | {' | '.join(label for _, label in METRICS)} | "
+          "mean answer tokens | cut at the limit | repeated trigrams |")
+    print("|---" * (len(METRICS) + 4 + labelled) + "|")
+    for label, curve in curves.items():
+        curve.sort(key=lambda c: c[0])
+        for step, cis, stats in curve:
+            cells = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in (cis[k] for k, _ in METRICS)]
+            answers = stats.get("answers") or {}
+            print(f"|{f' {label} |' if labelled else ''} {step} | {' | '.join(cells)} | "
+                  f"{stats.get('mean_generated_tokens', 0):.0f} | {100 * (stats.get('hit_max_new_tokens') or 0):.0f}% | "
+                  f"{100 * (answers.get('repetition_rate') or 0):.1f}% |")
     if args.out:
         import matplotlib
 
@@ -62,16 +70,16 @@ def main() -> int:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2))
-        steps = [c[0] for c in curve]
-        for ax, (key, label) in zip(axes, METRICS):
-            mean = [c[1][key][0] for c in curve]
-            low = [c[1][key][1] for c in curve]
-            high = [c[1][key][2] for c in curve]
-            ax.plot(steps, mean, marker="o")
-            ax.fill_between(steps, low, high, alpha=0.25)
+        for ax, (key, title) in zip(axes, METRICS):
+            for label, curve in curves.items():
+                steps = [c[0] for c in curve]
+                ax.plot(steps, [c[1][key][0] for c in curve], marker="o", label=label or None)
+                ax.fill_between(steps, [c[1][key][1] for c in curve], [c[1][key][2] for c in curve], alpha=0.2)
             ax.set_xlabel("training steps (0 = untuned base)")
-            ax.set_title(label, fontsize=10)
+            ax.set_title(title, fontsize=10)
             ax.grid(alpha=0.3)
+        if labelled:
+            axes[0].legend(fontsize=8)
         fig.suptitle(f"{len(questions)} held-out questions from an unseen collection, 95% bootstrap intervals",
                      fontsize=10)
         fig.tight_layout()

@@ -26,7 +26,7 @@ def add_commands(subparsers) -> None:
         "evaluate", help="generate answers and score them (factual consistency, BERTScore, ...) beside baselines",
         description="Generate answers from questions alone and score them against the reference answers, "
         "beside the untuned base model, the answer of the nearest training question and 'repeat the question', "
-        "with paired 95%% bootstrap intervals for every difference.",
+        "with paired 95% bootstrap intervals for every difference.",
     )
     p.add_argument("--model", required=True, metavar="RUN_DIR|PRESET|PATH",
                    help="a run directory, one of its checkpoints (RUN/checkpoints/checkpoint-N: scored on the "
@@ -54,7 +54,7 @@ def add_commands(subparsers) -> None:
         "compare", help="paired comparison of two runs' evaluations (no generation)",
         description="Compare run A with run B on the questions both evaluations scored, from their eval_SPLIT.json "
         "(e.g. the retrieval-augmented recipe against the same recipe without retrieval): paired differences "
-        "with 95%% bootstrap intervals and a verdict, beside every baseline run A was scored with. Nothing is "
+        "with 95% bootstrap intervals and a verdict, beside every baseline run A was scored with. Nothing is "
         "generated: both evaluations must exist (medassist train writes them; medassist evaluate rewrites them).",
     )
     p.add_argument("model", metavar="RUN_A|EVAL_A.json", help="the run (or evaluation file) being judged")

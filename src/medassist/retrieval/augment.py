@@ -309,6 +309,9 @@ def run_sources(cfg: TrainConfig, run_path: Path, splits: dict[str, list[QAExamp
     heldout = [*splits.get("validation", []), *splits.get("test", [])]
     retriever = open_index(rcfg, run_path, splits.get("train", []), heldout, cfg.data, progress, log)
     sources = RunSources(retriever, rcfg)
+    if rcfg.heldout_corpus == "open" and retriever.blocked is not None:
+        log("retrieval: held-out questions may cite the other rows of the held-out collections (heldout_corpus: "
+            "open), never their own; training prompts never see them")
     for split, examples in sorted(splits.items(), key=lambda item: item[0] != "train"):  # training first
         if not examples:
             sources.by_split[split] = []
