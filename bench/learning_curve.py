@@ -61,7 +61,8 @@ def main() -> int:
             cells = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in (cis[k] for k, _ in METRICS)]
             answers = stats.get("answers") or {}
             print(f"|{f' {label} |' if labelled else ''} {step} | {' | '.join(cells)} | "
-                  f"{stats.get('mean_generated_tokens', 0):.0f} | {100 * (stats.get('hit_max_new_tokens') or 0):.0f}% | "
+                  f"{stats.get('mean_generated_tokens', 0):.0f} | "
+                  f"{100 * (stats.get('hit_max_new_tokens') or 0):.0f}% | "
                   f"{100 * (answers.get('repetition_rate') or 0):.1f}% |")
     if args.out:
         import matplotlib

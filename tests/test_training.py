@@ -234,7 +234,7 @@ def test_cli_train_ends_with_the_verdicts_and_shows_progress_of_the_final_evalua
     assert "generating (model)" in captured.err and "generating (base model)" in captured.err
 
 
-def test_memory_trim_every_n_steps_and_after_each_batch_of_the_final_evaluation(tmp_path, monkeypatch):
+def test_memory_trim_every_n_steps_and_as_each_answer_of_the_final_evaluation_finishes(tmp_path, monkeypatch):
     """`memory_trim_steps: 2` over 4 steps trims after steps 2 and 4, after the final validation
     loss, once before the report and each time its generation reports progress (once per finished
     answer: 4 test questions for the model, 4 for the base model); without the setting only the

@@ -332,7 +332,8 @@ def retrieval_lines(r) -> str:
             f"per prompt; recall@{r.k} {pct(r.recall_at_k)} (same focus {pct(r.recall_focus_at_k)}, same page "
             f"{pct(r.recall_url_at_k)}; {r.n_labelled} questions with focus/url); own rows in prompts: "
             f"{r.own_reference_hits}; reference 8-grams in the passages {pct(r.reference_overlap)}"
-            f"{'; held-out collections open' if r.heldout_corpus == 'open' else ''}\nsupport by the sources (factual consistency with the passages; supported "
+            f"{'; held-out collections open' if r.heldout_corpus == 'open' else ''}"
+            f"\nsupport by the sources (factual consistency with the passages; supported "
             f">= {r.support_threshold:g}): {support or '-'}")
 
 
