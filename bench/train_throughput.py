@@ -18,7 +18,8 @@ when present, else the bundled sample) for the same number of optimizer steps:
   recipe with one setting changed, to attribute the gain. The speed and memory switches of
   issue 14: ``medassist-bf16-frozen`` (``bf16_frozen_weights``), ``medassist-head-chunks``
   (``head_chunk_size: 512``), ``medassist-mlp-recompute`` (``recompute_mlp_activation``),
-  ``medassist-grad-ckpt`` (``gradient_checkpointing``), and ``medassist-lean`` (the first three).
+  ``medassist-grad-ckpt`` (``gradient_checkpointing``), ``medassist-lean`` (the first three) and
+  ``medassist-compile`` (``torch_compile``: each decoder layer compiled; step 1 pays the compilation).
 
 Each variant runs in a fresh process (peak RSS is its own), in A B B A order. Reported:
 supervised (answer) tokens/s, total (non-pad) tokens/s, padding share, peak RSS, the training
@@ -52,6 +53,11 @@ MEDASSIST_VARIANTS = {
     "medassist-mlp-recompute": {"recompute_mlp_activation": True},
     "medassist-grad-ckpt": {"gradient_checkpointing": True},
     "medassist-lean": {"bf16_frozen_weights": True, "head_chunk_size": 512, "recompute_mlp_activation": True},
+    # torch.compile of each decoder layer (inductor; the first step compiles)
+    "medassist-compile": {"torch_compile": True},
+    "medassist-compile-b8": {"torch_compile": True, "batch_size": 8, "grad_accum": 1},
+    "medassist-compile-no-trim": {"torch_compile": True, "memory_trim_steps": None},
+    "medassist-no-trim": {"memory_trim_steps": None},
     # the default recipe without its memory settings (one batch of 8, no switches)
     "medassist-plain": {"batch_size": 8, "grad_accum": 1, "bf16_frozen_weights": False, "head_chunk_size": None,
                         "recompute_mlp_activation": False},

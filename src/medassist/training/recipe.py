@@ -39,7 +39,8 @@ from medassist.training.examples import (
     TokenizedSplit, _test_subset, to_dataset, tokenize_examples, validation_loss_subset,
 )
 from medassist.training.precision import resolve_precision
-from medassist.training.speed import bf16_frozen_weights, recompute_swiglu, release_freed_memory, trimming
+from medassist.training.speed import (bf16_frozen_weights, compile_layers, recompute_swiglu, release_freed_memory,
+                                      trimming)
 from medassist.training.summary import run_summary, steps_line, write_summary
 from medassist.training.trainer import (
     GracefulStop, JsonlMetricsCallback, MedassistTrainer, TrimMemory, columns_collator, training_arguments,
@@ -113,10 +114,13 @@ def train(
         log(f"passages in training prompts after the length budget: {train_tok.passages_line()}")
     trainer = build_trainer(cfg, run, model, tokenizer, family, fmt, precision, train_tok, val_loss_rows, data,
                             sources)
+    compiled = compile_layers(cfg, trainer, log)
     frozen = bf16_frozen_weights(cfg, trainer, precision, uses_lora(cfg, family),
-                                 lambda: load_pretrained(cfg.model, cfg.model_type)[0], log)
+                                 lambda: load_pretrained(cfg.model, cfg.model_type)[0], log, compiled is not None)
     setup_seconds = time.perf_counter() - start
     fitted = fit(trainer, checkpoint, run, log)
+    if compiled is not None:
+        compiled.remove()  # what follows (validation, the report) runs eager, as final/ is served
 
     # 5. validate and save
     in_fit = dict(trainer.seconds)

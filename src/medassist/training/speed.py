@@ -10,6 +10,8 @@
 - ``gradient_checkpointing``: transformers' per-layer activation checkpointing
   (:func:`~medassist.training.recipe.build_model`): the most memory saved, one more forward
   per step.
+- ``torch_compile``: :class:`CompiledLayers`, each repeated block compiled by inductor for the
+  training steps (evaluation and generation stay eager).
 
 Each gives the loss and the gradients of the reference path, bit for bit where it says so
 (``tests/test_efficiency.py``, ``tests/test_precision.py``); ``bench/train_throughput.py
@@ -52,10 +54,12 @@ class FrozenWeights:
     what ``load_for_inference`` puts under the adapter), checked against the bf16 copies.
     """
 
-    def __init__(self, model, load_base: Callable[[], Any], dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, model, load_base: Callable[[], Any], dtype: torch.dtype = torch.bfloat16,
+                 cast_once: bool = True):
         self.model = model
         self.load_base = load_base
         self.dtype = dtype
+        self.cast_once = cast_once  # False under torch.compile: inductor merges the repeated casts itself
         self._hooks: list[Any] = []
         self.names = frozen_linear_names(model)
         self.cast()
@@ -68,7 +72,7 @@ class FrozenWeights:
         for name in self.names:
             lm.get_submodule(name).to(self.dtype)
         _peft_input_casts(self.model, enabled=False)
-        if not self._hooks:
+        if self.cast_once and not self._hooks:
             once = CastOnce(self.dtype)
             linears = [lm.get_submodule(n) for n in self.names] + _lora_a(self.model)
             self._hooks = [m.register_forward_pre_hook(once) for m in linears]
@@ -171,7 +175,8 @@ def frozen_linear_names(model) -> list[str]:
 
 
 def bf16_frozen_weights(cfg, trainer, precision: str, lora: bool, load_base: Callable[[], Any],
-                        log: Callable[[str], None] = lambda _m: None) -> FrozenWeights | None:
+                        log: Callable[[str], None] = lambda _m: None,
+                        compiled: bool = False) -> FrozenWeights | None:
     """With ``cfg.bf16_frozen_weights``, LoRA and bf16 precision (not under FSDP, whose flat
     parameters take one dtype): the trainer's model with bf16 frozen linears, and its
     generation metrics run on the fp32 weights. None where the switch does not apply."""
@@ -181,10 +186,77 @@ def bf16_frozen_weights(cfg, trainer, precision: str, lora: bool, load_base: Cal
         why = "precision is not bf16" if precision != "bf16" else "no LoRA" if not lora else "FSDP"
         log(f"bf16_frozen_weights ignored: {why}")
         return None
-    frozen = FrozenWeights(trainer.model, load_base)
+    # CastOnce's hooks (a dict of weak references) would break a compiled graph at every linear
+    frozen = FrozenWeights(trainer.model, load_base, cast_once=not compiled)
     if trainer.generation_eval is not None:
         trainer.generation_eval = frozen.around(trainer.generation_eval)
     return frozen
+
+
+class CompiledLayers:
+    """``torch.compile`` (inductor) of each repeated block of the model (decoder layers, T5 and
+    BERT blocks) for the training steps; evaluation and generation run eager
+    (:meth:`eager`), and :meth:`remove` puts the eager blocks back for good after training.
+
+    Per block, as torchtune compiles, rather than the whole model: every block runs the same
+    code, so one graph serves them all (one compilation, not one per layer), and what runs
+    around the blocks (masks, the answer-only head, PEFT's bookkeeping) stays Python. Shapes
+    are dynamic from the first compilation, since dynamic padding gives every batch its own
+    length. The loss and gradients agree with eager to bf16/fp32 rounding, not bit for bit
+    (inductor fuses and reorders the elementwise work).
+    """
+
+    def __init__(self, model, dynamic: bool = True):
+        self.blocks = repeated_blocks(_unwrap(model))
+        for block in self.blocks:
+            block.compile(dynamic=dynamic)
+
+    def remove(self) -> None:
+        for block in self.blocks:
+            block._compiled_call_impl = None  # the slot nn.Module.compile fills: the eager forward again
+
+    @staticmethod
+    def eager():
+        """A context in which compiled code runs eager (its own shapes, no new compilation)."""
+        return torch.compiler.set_stance("force_eager")
+
+
+def repeated_blocks(model) -> list[torch.nn.Module]:
+    """The modules of every outermost ``ModuleList`` whose items are two or more of one class
+    (the layers of a decoder, the blocks of a T5 encoder and decoder)."""
+    blocks: list[torch.nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside or not isinstance(module, torch.nn.ModuleList) or len(module) < 2:
+            continue
+        if len({type(m) for m in module}) == 1:
+            blocks.extend(module)
+            inside.update(id(m) for block in module for m in block.modules())
+    return blocks
+
+
+def compile_layers(cfg, trainer, log: Callable[[str], None] = lambda _m: None) -> CompiledLayers | None:
+    """With ``cfg.torch_compile``: the trainer's model with compiled blocks, its evaluation
+    (validation loss and generation metrics) eager. None where the switch is off, or where
+    inductor cannot build kernels (no C++ compiler for a CPU run), said in one line."""
+    if not cfg.torch_compile:
+        return None
+    if trainer.args.device.type == "cpu" and not cpp_compiler():
+        log("torch_compile ignored: inductor needs a C++ compiler on CPU (g++ or clang++ on PATH, or $CXX)")
+        return None
+    compiled = CompiledLayers(trainer.model)
+    trainer.eval_context = compiled.eager
+    log(f"torch_compile: {len(compiled.blocks)} blocks compiled with inductor (the first step compiles them)")
+    return compiled
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would use on CPU, or None."""
+    import os
+    import shutil
+
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
+    return next((shutil.which(n) for n in names if shutil.which(n)), None)
 
 
 def _off_the_file(model, cast: list[str]) -> None:

@@ -15,6 +15,7 @@ families alike. :class:`MedassistTrainer` adds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -56,6 +57,7 @@ class MedassistTrainer(Trainer):
         self.prune_head = prune_head and can_prune_head(self.model)
         self.head_chunk_size = head_chunk_size
         self.generation_eval = generation_eval
+        self.eval_context: Callable[[], Any] = contextlib.nullcontext  # eager evaluation of a compiled model
         self.tokens_seen = 0
         self.supervised_tokens_seen = 0
         self.examples_seen = 0
@@ -130,6 +132,10 @@ class MedassistTrainer(Trainer):
         return output
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        with self.eval_context():
+            return self._evaluate_with_metrics(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def _evaluate_with_metrics(self, eval_dataset, ignore_keys, metric_key_prefix):
         start = time.perf_counter()
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         self.seconds["eval"] += time.perf_counter() - start
