@@ -256,7 +256,7 @@ def cpp_compiler() -> str | None:
     import shutil
 
     names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
-    return next((shutil.which(n) for n in names if shutil.which(n)), None)
+    return next(filter(None, map(shutil.which, names)), None)
 
 
 def _off_the_file(model, cast: list[str]) -> None:
