@@ -154,6 +154,52 @@ def test_chunked_upload_over_the_limit_is_refused_and_not_read(qwen, live_server
         assert health(base)["active"] == 0
 
 
+CHUNKED_POST = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+KB_CHUNK = b"400\r\n" + b"x" * 0x400 + b"\r\n"
+
+
+def test_refused_upload_gets_a_lingering_close_so_no_reset_destroys_the_413(qwen, live_server):
+    """Closing at once with the client still sending makes the kernel reset the connection, and
+    the reset can destroy the 413 before the client reads it (the test above failed about one
+    run in two under CPU load). The server now half-closes and reads on, discarding: a client
+    that keeps sending after the answer gets no reset, and reads the whole 413."""
+    with live_server(create_app(qwen, settings(max_body_bytes=1000))) as base:
+        with socket.create_connection(address(base), timeout=30) as sock:
+            sock.sendall(CHUNKED_POST + KB_CHUNK * 2)
+            assert select.select([sock], [], [], 20)[0], "no answer to an upload over the limit"
+            time.sleep(0.2)  # the server has closed (or half-closed) its side by now
+            for _ in range(20):  # an immediate close answers these with a reset: EPIPE or ECONNRESET
+                sock.sendall(KB_CHUNK)
+                time.sleep(0.005)
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            while piece := sock.recv(65536):
+                answer += piece
+        assert answer.startswith(b"HTTP/1.1 413") and b"limit of 1000 bytes" in answer
+        assert wait_for(lambda: health(base)["active"] == 0)
+
+
+def test_the_lingering_close_is_bounded_in_time(qwen, live_server, monkeypatch):
+    """A client that never stops sending is cut off once ``linger`` seconds have passed."""
+    from medassist.serving.limits import LingeringClose
+
+    monkeypatch.setattr(LingeringClose, "linger", 0.3)
+    with live_server(create_app(qwen, settings(max_body_bytes=1000))) as base:
+        with socket.create_connection(address(base), timeout=30) as sock:
+            sock.sendall(CHUNKED_POST + KB_CHUNK * 2)
+            start, cut = time.monotonic(), None
+            while time.monotonic() - start < 20:
+                try:
+                    sock.sendall(KB_CHUNK)
+                except OSError:
+                    cut = time.monotonic() - start
+                    break
+                time.sleep(0.002)
+        assert cut is not None, "the server read on for 20 s: its lingering close has no bound"
+        assert cut < 5
+
+
 def test_declared_oversized_body_is_refused_before_reading(qwen, live_server):
     with live_server(create_app(qwen, settings())) as base:
         with socket.create_connection(address(base), timeout=30) as sock:

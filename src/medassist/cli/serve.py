@@ -256,7 +256,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from medassist.serving import create_app
-    from medassist.serving.limits import is_loopback
+    from medassist.serving.limits import LingeringClose, is_loopback
 
     values = {name: getattr(args, name) for name in ServeConfig.model_fields if hasattr(args, name)}
     values["api_key"] = args.api_key if args.api_key is not None else os.environ.get("MEDASSIST_API_KEY") or None
@@ -273,5 +273,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"({'API key required' if settings.api_key else 'no API key'}); Ctrl-C stops")
     if not settings.api_key and not is_loopback(settings.host):
         say(f"warning: listening on {settings.host} without --api-key: anyone who can reach this port can use it")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=3)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=3,
+                http=LingeringClose)
     return 0

@@ -14,10 +14,12 @@ import asyncio
 import ipaddress
 from typing import Callable
 
+import h11
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from medassist.config import ServeConfig
 from medassist.serving.openai import APIError
@@ -86,6 +88,54 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class LingeringClose(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a lingering close, as nginx's ``lingering_close``.
+
+    When the server closes a connection whose client is still sending its body (a 413 in the
+    middle of an upload), closing at once leaves unread bytes in the socket, the kernel
+    answers them with a reset, and the reset can destroy the 413 before the client reads it.
+    So the answer goes out with a FIN, and what the client still sends is read and discarded
+    (never parsed or held) until it closes or ``linger`` seconds pass. uvicorn has no such
+    option, hence this subclass; pass it as ``uvicorn.Config(http=LingeringClose)``.
+    """
+
+    linger = 2.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.transport.lingering:  # type: ignore[attr-defined]
+            super().data_received(data)
+
+    def body_unread(self) -> bool:
+        return self.conn.their_state is h11.SEND_BODY
+
+
+class _LingeringTransport:
+    """The connection's transport, with ``close`` made lingering where the body is unread."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: LingeringClose) -> None:
+        self._transport, self._protocol, self.lingering = transport, protocol, False
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        real = self._transport
+        if self.lingering or real.is_closing():
+            return
+        if not (self._protocol.body_unread() and real.can_write_eof()):
+            return real.close()
+        self.lingering = True
+        real.write_eof()  # the answer still buffered goes first, then the FIN
+        real.resume_reading()  # read on, discarding, so that no reset is sent
+        asyncio.get_running_loop().call_later(self._protocol.linger, real.close)  # the client's EOF closes it sooner
 
 
 class Disconnect:
