@@ -297,3 +297,20 @@ def test_release_freed_memory_returns_freed_heap_pages():
     release_freed_memory()
     assert rss_kib() < freed - 100 * 1024, "malloc_trim did not return the freed heap pages"
     del sentinel
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "128"), ("1024", "1024")])
+def test_cli_bounds_the_onednn_kernel_cache_unless_the_user_set_it(monkeypatch, preset, expected):
+    """oneDNN keeps a kernel per matmul shape (1,024 by default): over a training run with a new
+    length every batch that cache grew RSS by about 1 GiB on an AMX machine (bench/RESULTS.md).
+    The CLI caps it at 128 before the first matmul; a value the user exported wins."""
+    import os
+
+    from medassist.cli import main
+
+    if preset is None:
+        monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", preset)
+    assert main(["models"]) == 0
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == expected
