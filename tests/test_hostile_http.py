@@ -125,14 +125,18 @@ def rss() -> int:
 
 # ---------------------------------------------------------------------------------------
 # item 14: the body limit counts the bytes received, and stops reading
+CHUNKED_POST = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+KB_CHUNK = b"400\r\n" + b"x" * 0x400 + b"\r\n"
+
+
 def test_chunked_upload_over_the_limit_is_refused_and_not_read(qwen, live_server):
     """300 MB chunked (no Content-Length): the old server read it all (RSS +1.3 GB) and answered
     400. Now: 413 once the limit is passed, the connection closed, nothing more read."""
     with live_server(create_app(qwen, settings(max_body_bytes=1_000_000))) as base:
         before = rss()
         with socket.create_connection(address(base), timeout=30) as sock:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-                         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+            sock.sendall(CHUNKED_POST)
             chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
             sent, answer = 0, b""
             try:
@@ -152,11 +156,6 @@ def test_chunked_upload_over_the_limit_is_refused_and_not_read(qwen, live_server
         assert sent < 50_000_000, f"the client could send {sent / 1e6:.0f} MB: the server kept reading"
         assert rss() - before < 50_000_000
         assert health(base)["active"] == 0
-
-
-CHUNKED_POST = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
-KB_CHUNK = b"400\r\n" + b"x" * 0x400 + b"\r\n"
 
 
 def test_refused_upload_gets_a_lingering_close_so_no_reset_destroys_the_413(qwen, live_server):

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # nothing phones home unless asked
     # oneDNN keeps every matmul kernel it builds (1,024 by default), one per shape, and training
-    # sees many shapes: the cache grew RSS by ~1 GiB over a run; 128 costs ~5% (bench/RESULTS.md)
+    # sees many shapes: they held ~0.5 GiB at the default run's peak; at 128 that run trained
+    # no slower (bench/RESULTS.md)
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
     parser = build_parser()
     args = parser.parse_args(argv)
