@@ -158,12 +158,14 @@ def warm_up(model, fmt, family, examples) -> None:
 
 # ---------------------------------------------------------------------------------------
 def main() -> None:
+    from medassist.config import GenerationSettings
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", type=int, default=64, help="validation questions")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16,
+    parser.add_argument("--batch-size", type=int, default=GenerationSettings.model_fields["batch_size"].default,
                         help="the evaluator's generation batch: rows decoded together (default: %(default)s, "
-                             "EvalConfig's default)")
+                             "eval.batch_size's default)")
     parser.add_argument("--ppl-batch-size", type=int, default=16,
                         help="the evaluator's perplexity batch (default: %(default)s, eval.perplexity_batch_size)")
     parser.add_argument("--ppl-precision", choices=["auto", "fp32", "bf16"], default="auto",

@@ -14,6 +14,14 @@ def test_defaults_validate():
     assert cfg.data.validation_fraction == 0.05 and cfg.data.test_fraction == 0.05
 
 
+def test_evaluation_decodes_32_answers_together_by_default():
+    """32 rows is what met issue 14's 6x evaluation target with identical answers and 3.57 GiB peak."""
+    from medassist.config import GenerationSettings
+
+    default_recipe = load_config(Path(CONFIGS[0]).parent / "default.yaml")
+    assert GenerationSettings().batch_size == load_config().eval.batch_size == default_recipe.eval.batch_size == 32
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)

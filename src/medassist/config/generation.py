@@ -30,8 +30,9 @@ class GenerationSettings(Section):
         1.0, ge=1.0, le=10.0, description="Divide the logits of tokens already in the answer (1 = off).")
     no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this size (0 = off).")
     stop: list[str] = Field(default_factory=list, description="End the answer before the first of these.")
-    batch_size: int = Field(16, ge=1, description="Answers decoded together (evaluation): rows of the continuous "
-                            "batch, refilled as answers end.")
+    batch_size: int = Field(32, ge=1, description="Answers decoded together (evaluation): rows of the continuous "
+                            "batch, refilled as answers end (each row holds its own KV cache: lower it for big "
+                            "models on small machines).")
     seed: int | None = Field(None, description="Torch seed for a sampling call (each answer draws with seed + its "
                              "index: reproducible whatever the batch).")
     dtype: Literal["fp32", "bf16"] = Field(
