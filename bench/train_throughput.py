@@ -58,10 +58,6 @@ MEDASSIST_VARIANTS = {
     "medassist-compile-b8": {"torch_compile": True, "batch_size": 8, "grad_accum": 1},
     "medassist-compile-no-trim": {"torch_compile": True, "memory_trim_steps": None},
     "medassist-no-trim": {"memory_trim_steps": None},
-    # q/k/v and gate/up each as one base matmul and one lora_A matmul (compiled and eager)
-    "medassist-fused": {"fused_projections": True},
-    "medassist-compile-fused": {"torch_compile": True, "fused_projections": True},
-    "medassist-compile-fused-no-trim": {"torch_compile": True, "fused_projections": True, "memory_trim_steps": None},
     # the default recipe without its memory settings (one batch of 8, no switches)
     "medassist-plain": {"batch_size": 8, "grad_accum": 1, "bf16_frozen_weights": False, "head_chunk_size": None,
                         "recompute_mlp_activation": False},

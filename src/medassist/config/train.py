@@ -203,12 +203,6 @@ class TrainConfig(Section):
         "their memory). The exact fp32 weights come back for generation metrics and after training, so the "
         "final evaluation scores what final/ serves. Ignored with fp32 precision, without LoRA and under FSDP.",
     )
-    fused_projections: bool = Field(
-        False, description="Decoder-only LoRA with bf16_frozen_weights: q/k/v and gate/up (each group reads one "
-        "input) as one base matmul and one lora_A matmul per group instead of one each; the base weights of a group "
-        "stored as one bf16 matrix (no memory added). Same adapters; the loss and gradients agree with PEFT's "
-        "to bf16 rounding.",
-    )
     recompute_mlp_activation: bool = Field(
         False, description="Decoder MLPs of the SwiGLU form (Llama, Qwen, Mistral): keep gate(x) and up(x) for "
         "backward and recompute silu(gate(x)) there instead of keeping it too (a quarter of the MLP's saved "

@@ -28,7 +28,7 @@ from medassist.config import TrainConfig
 from medassist.data import PreparedData, prepare_data, write_splits
 from medassist.distributed import is_main_process, run_on_main_process, world_size
 from medassist.errors import ConfigError, TrainingInterrupted
-from medassist.families import DECODER, ModelFamily
+from medassist.families import ModelFamily
 from medassist.formatting import PromptFormat
 from medassist.models import load_pretrained
 from medassist.rundir import RunDir
@@ -116,8 +116,7 @@ def train(
                             sources)
     compiled = compile_layers(cfg, trainer, log)
     frozen = bf16_frozen_weights(cfg, trainer, precision, uses_lora(cfg, family),
-                                 lambda: load_pretrained(cfg.model, cfg.model_type)[0], log, compiled is not None,
-                                 family.name == DECODER)
+                                 lambda: load_pretrained(cfg.model, cfg.model_type)[0], log, compiled is not None)
     setup_seconds = time.perf_counter() - start
     fitted = fit(trainer, checkpoint, run, log)
     if compiled is not None:

@@ -10,8 +10,6 @@
 - ``gradient_checkpointing``: transformers' per-layer activation checkpointing
   (:func:`~medassist.training.recipe.build_model`): the most memory saved, one more forward
   per step.
-- ``fused_projections``: :class:`~medassist.training.fusion.FusedProjections`, q/k/v and
-  gate/up each as one base matmul and one ``lora_A`` matmul (with ``bf16_frozen_weights``).
 - ``torch_compile``: :class:`CompiledLayers`, each repeated block compiled by inductor for the
   training steps (evaluation and generation stay eager).
 
@@ -30,7 +28,6 @@ from typing import Any, Callable, Iterator
 import torch
 
 from medassist.families import _unwrap
-from medassist.training.fusion import FusedProjections
 
 
 class FrozenWeights:
@@ -58,15 +55,13 @@ class FrozenWeights:
     """
 
     def __init__(self, model, load_base: Callable[[], Any], dtype: torch.dtype = torch.bfloat16,
-                 cast_once: bool = True, fuse: bool = False):
+                 cast_once: bool = True):
         self.model = model
         self.load_base = load_base
         self.dtype = dtype
         self.cast_once = cast_once  # False under torch.compile: inductor merges the repeated casts itself
         self._hooks: list[Any] = []
         self.names = frozen_linear_names(model)
-        # fused_projections: sibling base weights stored as one bf16 matrix while they are bf16
-        self.fused = FusedProjections(model) if fuse else None
         self.cast()
         _off_the_file(model, self.names)
 
@@ -77,8 +72,6 @@ class FrozenWeights:
         for name in self.names:
             lm.get_submodule(name).to(self.dtype)
         _peft_input_casts(self.model, enabled=False)
-        if self.fused is not None:
-            self.fused.share()
         if self.cast_once and not self._hooks:
             once = CastOnce(self.dtype)
             linears = [lm.get_submodule(n) for n in self.names] + _lora_a(self.model)
@@ -88,8 +81,6 @@ class FrozenWeights:
         """The exact fp32 weights of the base model back in place of the bf16 copies."""
         lm = _unwrap(self.model)
         base = _unwrap(self.load_base())
-        if self.fused is not None:
-            self.fused.release()
         for name in self.names:
             module, original = lm.get_submodule(name), base.get_submodule(_base_name(name))
             for key, value in original.named_parameters(recurse=False):
@@ -185,13 +176,10 @@ def frozen_linear_names(model) -> list[str]:
 
 def bf16_frozen_weights(cfg, trainer, precision: str, lora: bool, load_base: Callable[[], Any],
                         log: Callable[[str], None] = lambda _m: None,
-                        compiled: bool = False, decoder: bool = True) -> FrozenWeights | None:
+                        compiled: bool = False) -> FrozenWeights | None:
     """With ``cfg.bf16_frozen_weights``, LoRA and bf16 precision (not under FSDP, whose flat
     parameters take one dtype): the trainer's model with bf16 frozen linears, and its
-    generation metrics run on the fp32 weights; with ``cfg.fused_projections`` (decoder-only
-    models) the sibling projections fused. None where the switch does not apply."""
-    if cfg.fused_projections and not (cfg.bf16_frozen_weights and decoder):
-        log("fused_projections ignored: it needs bf16_frozen_weights and a decoder-only model")
+    generation metrics run on the fp32 weights. None where the switch does not apply."""
     if not cfg.bf16_frozen_weights:
         return None
     if precision != "bf16" or not lora or trainer.is_fsdp_enabled:
@@ -199,9 +187,7 @@ def bf16_frozen_weights(cfg, trainer, precision: str, lora: bool, load_base: Cal
         log(f"bf16_frozen_weights ignored: {why}")
         return None
     # CastOnce's hooks (a dict of weak references) would break a compiled graph at every linear
-    frozen = FrozenWeights(trainer.model, load_base, cast_once=not compiled, fuse=cfg.fused_projections and decoder)
-    if frozen.fused is not None:
-        log(f"fused_projections: {len(frozen.fused.groups)} groups of sibling projections in one matmul each")
+    frozen = FrozenWeights(trainer.model, load_base, cast_once=not compiled)
     if trainer.generation_eval is not None:
         trainer.generation_eval = frozen.around(trainer.generation_eval)
     return frozen
