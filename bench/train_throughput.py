@@ -20,6 +20,8 @@ when present, else the bundled sample) for the same number of optimizer steps:
   (``head_chunk_size: 512``), ``medassist-mlp-recompute`` (``recompute_mlp_activation``),
   ``medassist-grad-ckpt`` (``gradient_checkpointing``), ``medassist-lean`` (the first three) and
   ``medassist-compile`` (``torch_compile``: each decoder layer compiled; step 1 pays the compilation).
+  ``configs/default.yaml`` itself compiles (so ``medassist`` is compiled); ``medassist-eager`` is
+  the same recipe eager.
 
 Each variant runs in a fresh process (peak RSS is its own), in A B B A order. Reported:
 supervised (answer) tokens/s, total (non-pad) tokens/s, padding share, peak RSS, the training
@@ -58,6 +60,7 @@ MEDASSIST_VARIANTS = {
     "medassist-compile-b8": {"torch_compile": True, "batch_size": 8, "grad_accum": 1},
     "medassist-compile-no-trim": {"torch_compile": True, "memory_trim_steps": None},
     "medassist-no-trim": {"memory_trim_steps": None},
+    "medassist-eager": {"torch_compile": False},  # the default recipe is compiled since 2026-12-04
     # the default recipe without its memory settings (one batch of 8, no switches)
     "medassist-plain": {"batch_size": 8, "grad_accum": 1, "bf16_frozen_weights": False, "head_chunk_size": None,
                         "recompute_mlp_activation": False},
