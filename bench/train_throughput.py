@@ -21,7 +21,8 @@ when present, else the bundled sample) for the same number of optimizer steps:
   ``medassist-grad-ckpt`` (``gradient_checkpointing``), ``medassist-lean`` (the first three) and
   ``medassist-compile`` (``torch_compile``: each decoder layer compiled; step 1 pays the compilation).
   ``configs/default.yaml`` itself compiles (so ``medassist`` is compiled); ``medassist-eager`` is
-  the same recipe eager.
+  the same recipe eager. ``medassist-compile`` and ``medassist-compile-no-trim`` now run the same
+  settings as ``medassist`` and ``medassist-no-trim``; they stay so that recorded commands still run.
 
 Each variant runs in a fresh process (peak RSS is its own), in A B B A order. Reported:
 supervised (answer) tokens/s, total (non-pad) tokens/s, padding share, peak RSS, the training
