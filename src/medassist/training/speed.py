@@ -20,6 +20,7 @@ Each gives the loss and the gradients of the reference path, bit for bit where i
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import Counter
 from contextlib import contextmanager
@@ -280,12 +281,21 @@ def release_freed_memory() -> None:
     report); a no-op where the C library has no ``malloc_trim``. No ``gc.collect()`` first: in
     the default recipe a full collection took 0.45-0.53 s a call and, after the first step,
     found no reference cycle holding a tensor (RSS after it equal to within 2 MiB; bench/RESULTS.md)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, looked up once (the release runs after every step and answer),
+    or None where the C library has none."""
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 def trimming(progress=None):
