@@ -72,6 +72,26 @@ def test_lora_defaults_and_trainable_count(tmp_path):
     assert model.peft_config["default"].r == 16 and model.peft_config["default"].lora_alpha == 32
 
 
+def test_lora_adapters_depend_on_the_seed_alone():
+    """Whatever drew from the global generator before (a model converted on first use did),
+    the same seed gives the same adapters: the first run after a fresh install and every later
+    run train from the same start."""
+    import torch
+
+    from medassist.training import build_model
+
+    cfg = load_config(None, {"model": "tiny-qwen3", "seed": 7})
+    adapters = []
+    for draws in (0, 1000):
+        torch.rand(draws)
+        model, _, _ = build_model(cfg)
+        adapters.append({k: v.clone() for k, v in model.named_parameters() if "lora_A" in k})
+    assert adapters[0] and adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    other, _, _ = build_model(cfg.model_copy(update={"seed": 8}))
+    assert not all(torch.equal(adapters[0][k], p) for k, p in other.named_parameters() if "lora_A" in k)
+
+
 def _train_family(model: str, toy_csv: Path, out: Path, steps: int, lr: float, **extra):
     cfg = load_config(None, {"model": model, "max_steps": steps, "learning_rate": lr, "logging_steps": 1,
                              "batch_size": 4, "output_dir": str(out), "eval_strategy": "no",

@@ -144,7 +144,7 @@ def smollm2_folder() -> Path:
         config = AutoConfig.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = _seeded(lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32))
         model.load_state_dict(quantized.state_dict(), strict=True)
         model.generation_config = quantized.generation_config
         model.save_pretrained(tmp)

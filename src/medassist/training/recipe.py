@@ -245,10 +245,15 @@ def uses_lora(cfg: TrainConfig, family: ModelFamily) -> bool:
 
 
 def build_model(cfg: TrainConfig):
-    """Load the base model in fp32 and wrap it with LoRA when configured."""
+    """Load the base model in fp32 and wrap it with LoRA when configured. The adapters are
+    initialised from ``cfg.seed`` alone: loading may draw from the global generator (a model
+    converted on first use did, so the first run after a fresh install trained from other
+    adapters than every later run of the same seed)."""
     model, tokenizer, family = load_pretrained(cfg.model, cfg.model_type)
     if uses_lora(cfg, family):
         from peft import LoraConfig, get_peft_model
+
+        set_seed(cfg.seed)
 
         lora = LoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
