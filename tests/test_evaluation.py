@@ -205,6 +205,44 @@ def test_evaluate_examples_typed_result_with_every_baseline(qwen, scorer):
     assert EvalResult.from_json(data).model.bertscore_f1 == result.model.bertscore_f1
 
 
+def test_evaluation_merges_the_adapter_once_the_base_model_has_answered(scorer):
+    """``evaluate_examples(merge=True)`` (the report after training, ``medassist evaluate``):
+    the base model answers first, with the adapter switched off; then the adapter is merged
+    into the weights and the model answers as ``load_for_inference`` serves it: the same base
+    answers as without merging, the same model answers and perplexity as the adapter beside
+    the linears, and PEFT's layers gone afterwards."""
+    from peft import LoraConfig, get_peft_model
+
+    from medassist.models import merge_adapter
+
+    def adapted():
+        model, tok, family = load_pretrained("tiny-qwen3")
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+        with torch.no_grad():  # B starts at zero: a trained-like B, so that the adapter changes the answers
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.05)
+        return peft_model.eval(), family.make_format(tok), family
+
+    ecfg = EvalConfig(max_new_tokens=8, retrieval_baseline=False, perplexity_precision="fp32")
+    results = {}
+    for merge in (False, True):
+        model, fmt, family = adapted()
+        results[merge] = evaluate_examples(Engine(model, fmt, family), EXAMPLES, ecfg, scorer=scorer, merge=merge,
+                                           base_model=base_model_context(model, None))
+        assert any("lora_" in name for name, _ in model.named_parameters()) == (not merge)
+    plain, merged = results[False], results[True]
+    assert merged.baselines["base_model"].generated == plain.baselines["base_model"].generated
+    assert merged.model.generated != merged.baselines["base_model"].generated  # the adapter matters
+    assert merged.model.generated == plain.model.generated
+    assert merged.model.perplexity == pytest.approx(plain.model.perplexity, rel=1e-5)
+    assert merged.baselines["base_model"].perplexity == plain.baselines["base_model"].perplexity
+    assert list(merged.baselines) == list(plain.baselines)  # the report's columns keep their order
+    base = load_pretrained("tiny-qwen3")[0]
+    assert merge_adapter(base) is base  # no adapter: nothing to merge
+
+
 def test_per_example_log_perplexity_pools_to_the_perplexity(qwen):
     model, fmt, family = qwen
     result = perplexity_and_accuracy(model, fmt, family, EXAMPLES, batch_size=2)

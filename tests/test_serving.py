@@ -276,7 +276,9 @@ def test_adapter_run_and_merged_folder_are_served(tmp_path):
 
     for ref, prefix in ((run, "[CLS] answer : what"), (merged, "[CLS] what")):
         loaded = load_for_inference(str(ref))
-        assert isinstance(loaded.model, peft.PeftModel) == (ref == run)
+        assert not isinstance(loaded.model, peft.PeftModel)  # the run's adapter is merged into its base
+        if ref == run:  # kept on request (the evaluation scores the base model with it switched off)
+            assert isinstance(load_for_inference(str(ref), merge=False).model, peft.PeftModel)
         engine = Assistant(loaded)
         assert engine.tokenizer.decode(engine.prompt_ids(QUESTION)).startswith(prefix)  # the run's prefix
         expected = engine.generate(QUESTION, settings=sampling(max_new_tokens=6)).text

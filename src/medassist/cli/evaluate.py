@@ -168,7 +168,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if cfg.retrieval.enabled:
         retrieved, retrieval_info = _retrieve(args, cfg, run_dir, examples, train)
     say(f"loading {args.model}")
-    loaded = load_for_inference(args.model)
+    loaded = load_for_inference(args.model, merge=False)  # merged once the base model has answered
     loaded.config = loaded.config or cfg
     engine = loaded.engine()
     if data_info.train_overlap:
@@ -184,7 +184,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                    base_model_note="" if run_dir else "the evaluated model is itself the base model",
                                    scorer=scorer, progress=progress, source=loaded.source,
                                    train_examples=train, data=data_info, retrieved=retrieved,
-                                   retrieval_info=retrieval_info)
+                                   retrieval_info=retrieval_info, merge=True)
 
     output = Path(args.output) if args.output else None
     report = Path(args.report) if args.report else None

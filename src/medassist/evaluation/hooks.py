@@ -105,7 +105,7 @@ def evaluate_run_after_training(run: RunDir, model, fmt: PromptFormat, family: M
         result = evaluate_examples(Engine(model, fmt, family), test_examples, cfg.eval, seed=cfg.seed,
                                    base_model=base, source=str(run.path), train_examples=train_examples, data=data,
                                    retrieved=retrieved, retrieval_info=sources.info() if sources is not None else None,
-                                   progress=progress)
+                                   progress=progress, merge=True)  # final/ is saved; scored merged, as served
     html = write_report(result, run.report_dir("test"), metrics_path=run.metrics_file,
                         title=f"medassist evaluation: {run.name} (test split)")
     result.report_html = str(html)

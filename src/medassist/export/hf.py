@@ -134,9 +134,8 @@ def _write(run: RunDir, cfg, family, tmp: Path, name: str, merge: bool, gguf_typ
     if (is_adapter and merge) or gguf_type:
         log(f"merging the LoRA adapter of {run.path} into {cfg.model}" if is_adapter
             else f"loading the model of {run.path}")
-        loaded = load_for_inference(str(run.path))
-        model = loaded.model.merge_and_unload() if is_adapter else loaded.model
-        loaded.model = model
+        loaded = load_for_inference(str(run.path))  # an adapter merged into its base
+        model = loaded.model
         fmt = loaded.format()
         stop_where_serve_stops(model.generation_config, fmt)
         model.save_pretrained(tmp)
