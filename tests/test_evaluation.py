@@ -241,6 +241,10 @@ def test_evaluation_merges_the_adapter_once_the_base_model_has_answered(scorer):
     assert list(merged.baselines) == list(plain.baselines)  # the report's columns keep their order
     base = load_pretrained("tiny-qwen3")[0]
     assert merge_adapter(base) is base  # no adapter: nothing to merge
+    from peft import PromptTuningConfig
+
+    prompted = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    assert merge_adapter(prompted) is prompted  # virtual tokens: no weights to merge
 
 
 def test_per_example_log_perplexity_pools_to_the_perplexity(qwen):

@@ -154,14 +154,11 @@ def merge_adapter(model):
     in place, in the weights' dtype): the plain transformers model, as ``medassist export``
     ships it. Generation runs about 1.5x faster than with the adapter beside every linear
     (two more matmuls and PEFT's Python per linear and token; bench/RESULTS.md), with the
-    same greedy answers to rounding. Any other model (no adapter, or a prompt-learning one,
-    which has no weights to merge) comes back as it is. The caller's adapter is gone: merge
-    only a model nothing trains or evaluates with the adapter switched off afterwards."""
-    config = getattr(model, "peft_config", None)
-    if not isinstance(config, dict) or not hasattr(model, "merge_and_unload") \
-            or any(getattr(c, "is_prompt_learning", False) for c in config.values()):
-        return model
-    return model.merge_and_unload()
+    same greedy answers to rounding. Any other model comes back as it is: PEFT gives
+    ``merge_and_unload`` only to adapters with weights to merge (not to prompt-learning ones),
+    and a plain model has none. The caller's adapter is gone: merge only a model nothing
+    trains or evaluates with the adapter switched off afterwards."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 def _export_config(folder: Path):
