@@ -40,7 +40,14 @@ def adapter_model(run: str | None, seed: int):
     from medassist.models import load_for_inference, load_pretrained
 
     if run:
-        loaded = load_for_inference(run, merge=False)
+        from medassist.errors import MedassistError
+
+        try:
+            loaded = load_for_inference(run, merge=False)
+        except MedassistError as exc:
+            sys.exit(f"adapter_generation: {exc}")
+        if not hasattr(loaded.model, "merge_and_unload"):
+            sys.exit(f"adapter_generation: {run} has no LoRA adapter to merge (a full fine-tune, or not a run)")
         return loaded.model, loaded.format(), loaded.family
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml", {})
     model, tok, family = load_pretrained(cfg.model, cfg.model_type)
