@@ -23,6 +23,8 @@ when present, else the bundled sample) for the same number of optimizer steps:
   ``configs/default.yaml`` itself compiles (so ``medassist`` is compiled); ``medassist-eager`` is
   the same recipe eager. ``medassist-compile`` and ``medassist-compile-no-trim`` now run the same
   settings as ``medassist`` and ``medassist-no-trim``; they stay so that recorded commands still run.
+  ``medassist-last20`` / ``-last15`` / ``-last10`` (``lora.last_layers``): adapters in the top
+  layers only, so the layers below run forward only (less work, a higher loss after N steps).
 
 Each variant runs in a fresh process (peak RSS is its own), in A B B A order. Reported:
 supervised (answer) tokens/s, total (non-pad) tokens/s, padding share, peak RSS, the training
@@ -61,7 +63,11 @@ MEDASSIST_VARIANTS = {
     "medassist-compile-b8": {"torch_compile": True, "batch_size": 8, "grad_accum": 1},
     "medassist-compile-no-trim": {"torch_compile": True, "memory_trim_steps": None},
     "medassist-no-trim": {"memory_trim_steps": None},
-    "medassist-eager": {"torch_compile": False},  # the default recipe is compiled since 2026-12-04
+    "medassist-eager": {"torch_compile": False},
+    # adapters only in the last N of the 30 decoder layers: the layers below run forward only
+    "medassist-last20": {"lora": {"last_layers": 20}},
+    "medassist-last15": {"lora": {"last_layers": 15}},
+    "medassist-last10": {"lora": {"last_layers": 10}},  # the default recipe is compiled since 2026-12-04
     # the default recipe without its memory settings (one batch of 8, no switches)
     "medassist-plain": {"batch_size": 8, "grad_accum": 1, "bf16_frozen_weights": False, "head_chunk_size": None,
                         "recompute_mlp_activation": False},
@@ -110,8 +116,11 @@ def model_flops(model, sequences: list[tuple[int, int]]) -> float:
     Frozen base linears: forward + input gradient (4 per weight per token); LoRA weights:
     forward + input and weight gradients (6); causal attention scores and values (forward
     2 * 2 * d_attn per pair, backward twice that); the LM head only where a label counts (a
-    recipe that projects every position does more work, not more useful work).
+    recipe that projects every position does more work, not more useful work). Decoder layers
+    below the lowest adapter (``lora.last_layers``) need the forward only.
     """
+    import re
+
     import torch
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -121,11 +130,16 @@ def model_flops(model, sequences: list[tuple[int, int]]) -> float:
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     head = cfg.hidden_size * cfg.vocab_size
     d_attn = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    layers = cfg.num_hidden_layers
+    adapted = [int(m.group(1)) for n, _ in model.named_parameters() if "lora_" in n
+               for m in [re.search(r"\.layers\.(\d+)\.", n)] if m]
+    backward = layers - min(adapted, default=0)  # layers the backward pass goes through
     total = 0.0
     for length, supervised in sequences:
         pairs = length * (length + 1) / 2
-        total += 4 * body * length + 6 * lora * length + 3 * 4 * d_attn * pairs * cfg.num_hidden_layers
-        total += 4 * head * supervised
+        total += (2 * body * length + 2 * d_attn * pairs * 2 * layers)  # forward, all layers
+        total += backward / layers * (2 * body * length + 2 * d_attn * pairs * 4 * layers)  # backward
+        total += 6 * lora * length + 4 * head * supervised
     return total
 
 
@@ -183,7 +197,7 @@ def run_medassist(args, train_rows, heldout, tmp: Path, extra: dict) -> dict:
     rss = common.peak_rss_mib()
     summary = result.summary
     losses = [e["loss"] for e in _read_jsonl(result.run_dir / "metrics.jsonl") if "loss" in e]
-    loaded = load_for_inference(str(result.run_dir))
+    loaded = load_for_inference(str(result.run_dir), merge=False)  # the adapter counted in model_flops
     fmt = loaded.family.make_format(loaded.tokenizer, cfg)
     counts = counter["c"].totals(summary["steps"], cfg.grad_accum)
     assert counts["supervised_tokens"] == summary["supervised_tokens"], (counts, summary)

@@ -92,6 +92,41 @@ def test_lora_adapters_depend_on_the_seed_alone():
     assert not all(torch.equal(adapters[0][k], p) for k, p in other.named_parameters() if "lora_A" in k)
 
 
+def test_lora_last_layers_adapts_only_the_top_layers_and_the_backward_stops_there(tmp_path, toy_csv):
+    """``lora.last_layers``: adapters (every linear, as ``all-linear``) in the last N decoder
+    layers only; the layers below get no gradient, so autograd runs no backward through them;
+    the saved adapter reloads with the same layers."""
+    from medassist.training import build_model
+
+    model, _, _ = build_model(load_config(None, {"model": "tiny-qwen3", "lora": {"last_layers": 1}}))
+    full, _, _ = build_model(load_config(None, {"model": "tiny-qwen3"}))
+
+    def adapted(m):
+        return {(n.split(".layers.")[1].split(".")[0], n.split(".")[-3]) for n, _ in m.named_parameters()
+                if "lora_A" in n}
+
+    assert {layer for layer, _ in adapted(model)} == {"1"}
+    assert {name for _, name in adapted(model)} == {name for _, name in adapted(full)}  # the same linears
+    needs_grad = {}
+    layers = model.get_base_model().model.layers
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda _m, _a, out, i=i: needs_grad.__setitem__(
+            i, (out[0] if isinstance(out, tuple) else out).requires_grad))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert needs_grad == {0: False, 1: True}
+
+    result = _train_family("tiny-qwen3", toy_csv, tmp_path / "run", 2, 1e-3, lora={"last_layers": 1})
+    loaded = load_for_inference(str(result.run_dir), merge=False)
+    assert loaded.model.peft_config["default"].layers_to_transform == [1]
+    assert {layer for layer, _ in adapted(loaded.model)} == {"1"}
+
+    for bad, message in [({"model": "tiny-qwen3", "lora": {"last_layers": 3}}, "has 2 decoder layers"),
+                         ({"model": "tiny-t5", "lora": {"enabled": True, "last_layers": 1}}, "decoder-only")]:
+        with pytest.raises(ConfigError, match=message):
+            build_model(load_config(None, bad))
+
+
 def _train_family(model: str, toy_csv: Path, out: Path, steps: int, lr: float, **extra):
     cfg = load_config(None, {"model": model, "max_steps": steps, "learning_rate": lr, "logging_steps": 1,
                              "batch_size": 4, "output_dir": str(out), "eval_strategy": "no",

@@ -64,6 +64,11 @@ class LoraConfig(Section):
     target_modules: str | list[str] = Field(
         "all-linear", description="`all-linear` or a list of module names (q_proj, v_proj, ...)."
     )
+    last_layers: int | None = Field(
+        None, ge=1, description="Adapters only in the last N decoder layers (decoder-only models; PEFT's "
+        "layers_to_transform): the layers below run forward only, with no backward pass. None = every layer. "
+        "Measured on the default recipe: 15 of 30 trains 1.36x faster, but with less gain over the base model "
+        "(bench/RESULTS.md).")
 
 
 class EvalConfig(GenerationSettings):

@@ -28,7 +28,7 @@ from medassist.config import TrainConfig
 from medassist.data import PreparedData, prepare_data, write_splits
 from medassist.distributed import is_main_process, run_on_main_process, world_size
 from medassist.errors import ConfigError, TrainingInterrupted
-from medassist.families import ModelFamily
+from medassist.families import DECODER, ModelFamily
 from medassist.formatting import PromptFormat
 from medassist.models import load_pretrained
 from medassist.rundir import RunDir
@@ -255,9 +255,12 @@ def build_model(cfg: TrainConfig):
 
         set_seed(cfg.seed)
 
+        layers, targets = adapted_layers(cfg, model, family), cfg.lora.target_modules
+        if layers is not None and targets == "all-linear":  # PEFT takes layer indexes only with a list of names
+            targets = linear_names(model)
         lora = LoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules, task_type=family.peft_task(),
+            target_modules=targets, task_type=family.peft_task(), layers_to_transform=layers,
         )
         model = get_peft_model(model, lora)
     if cfg.recompute_mlp_activation:
@@ -267,6 +270,28 @@ def build_model(cfg: TrainConfig):
         if uses_lora(cfg, family):
             model.enable_input_require_grads()
     return model, tokenizer, family
+
+
+def adapted_layers(cfg: TrainConfig, model, family: ModelFamily) -> list[int] | None:
+    """The decoder layers ``lora.last_layers`` puts adapters in (None = all)."""
+    last = cfg.lora.last_layers
+    if last is None:
+        return None
+    if family.name != DECODER:
+        raise ConfigError(f"lora.last_layers: only for decoder-only models ({cfg.model} is {family.name})")
+    total = model.config.get_text_config().num_hidden_layers
+    if last > total:
+        raise ConfigError(f"lora.last_layers: {last}, but {cfg.model} has {total} decoder layers")
+    return list(range(total - last, total))
+
+
+def linear_names(model) -> list[str]:
+    """What PEFT's ``all-linear`` targets, as a list of module names: every linear but the LM head."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not head})
 
 
 def parameter_counts(model) -> tuple[int, int]:
