@@ -63,11 +63,11 @@ MEDASSIST_VARIANTS = {
     "medassist-compile-b8": {"torch_compile": True, "batch_size": 8, "grad_accum": 1},
     "medassist-compile-no-trim": {"torch_compile": True, "memory_trim_steps": None},
     "medassist-no-trim": {"memory_trim_steps": None},
-    "medassist-eager": {"torch_compile": False},
+    "medassist-eager": {"torch_compile": False},  # the default recipe is compiled since 2026-12-04
     # adapters only in the last N of the 30 decoder layers: the layers below run forward only
     "medassist-last20": {"lora": {"last_layers": 20}},
     "medassist-last15": {"lora": {"last_layers": 15}},
-    "medassist-last10": {"lora": {"last_layers": 10}},  # the default recipe is compiled since 2026-12-04
+    "medassist-last10": {"lora": {"last_layers": 10}},
     # the default recipe without its memory settings (one batch of 8, no switches)
     "medassist-plain": {"batch_size": 8, "grad_accum": 1, "bf16_frozen_weights": False, "head_chunk_size": None,
                         "recompute_mlp_activation": False},

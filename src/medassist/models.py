@@ -5,8 +5,8 @@ model is used from there on.
 :func:`load_pretrained` gives (model, tokenizer, family) in fp32 for training;
 :func:`load_for_inference` a :class:`LoadedModel` in eval mode, ready to generate (a run's
 ``final/``, with its LoRA adapter merged into its base model by :func:`merge_adapter`, or an
-exported folder with the training config it carries). A missing model is a :class:`~medassist.errors.ModelError` that says which
-package or download it needs.
+exported folder with the training config it carries). A missing model is a
+:class:`~medassist.errors.ModelError` that says which package or download it needs.
 """
 
 from __future__ import annotations

@@ -286,12 +286,14 @@ def adapted_layers(cfg: TrainConfig, model, family: ModelFamily) -> list[int] | 
 
 
 def linear_names(model) -> list[str]:
-    """What PEFT's ``all-linear`` targets, as a list of module names: every linear but the LM head."""
+    """What PEFT's ``all-linear`` targets, as a list of module names: every linear (and GPT-2's
+    ``Conv1D``) but the LM head."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings()
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and module is not head})
+                   if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head})
 
 
 def parameter_counts(model) -> tuple[int, int]:
