@@ -77,6 +77,8 @@ def main() -> None:
                         help="a further config override for every variant (repeatable)")
     parser.add_argument("--keep", type=Path, help="keep the run directories under this folder")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1 (0 would train a whole epoch)")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:

@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20, help="rows of each table")
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args()
+    if args.warmup < 0 or args.profile < 1 or args.rows < 1:
+        parser.error("--warmup must be >= 0, --profile and --rows >= 1")
 
     import warnings
 

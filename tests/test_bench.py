@@ -20,11 +20,15 @@ def test_every_bench_script_starts_and_parses_its_arguments(script):
     assert proc.stdout.startswith("usage:")
 
 
-def test_a_bad_variant_is_one_line_and_exit_2():
-    proc = subprocess.run([sys.executable, str(BENCH / "real_data_run.py"), "--variants", "default,nope"],
-                          capture_output=True, text=True)
+@pytest.mark.parametrize("script,args,message", [
+    ("real_data_run.py", ["--variants", "default,nope"], "unknown variant nope (use default, all-rows, fp32-perplexity)"),
+    ("real_data_run.py", ["--steps", "0"], "--steps must be at least 1 (0 would train a whole epoch)"),
+    ("train_profile.py", ["--profile", "0"], "--warmup must be >= 0, --profile and --rows >= 1"),
+])
+def test_bad_arguments_are_one_line_and_exit_2_before_any_training(script, args, message):
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].endswith("unknown variant nope (use default, all-rows, fp32-perplexity)")
+    assert proc.stderr.strip().splitlines()[-1].endswith(message)
 
 
 def test_the_profile_prices_each_matmul_from_its_recorded_shapes(monkeypatch):
