@@ -17,6 +17,15 @@ SAMPLE = ROOT / "src" / "medassist" / "resources" / "sample_medical_qa.csv"
 MEDQUAD = ROOT.parent / "shared" / "data" / "medquad.csv"
 
 
+@pytest.fixture(autouse=True)
+def baseline_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Each test its own cache of base-model results (also for the CLI processes it starts): no
+    test reads an entry another test wrote, and nothing lands in the user's cache."""
+    folder = tmp_path_factory.mktemp("baselines")
+    monkeypatch.setenv("MEDASSIST_BASELINE_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     from transformers import AutoTokenizer

@@ -21,7 +21,10 @@ def test_every_bench_script_starts_and_parses_its_arguments(script):
 
 
 @pytest.mark.parametrize("script,args,message", [
-    ("real_data_run.py", ["--variants", "default,nope"], "unknown variant nope (use default, all-rows, fp32-perplexity)"),
+    ("real_data_run.py", ["--variants", "default,nope"],
+     "unknown variant nope (use default, all-rows, fp32-perplexity, warm-cache)"),
+    ("real_data_run.py", ["--variants", "warm-cache,default"], "warm-cache reuses what default cached: list default "
+     "before it"),
     ("real_data_run.py", ["--steps", "0"], "--steps must be at least 1 (0 would train a whole epoch)"),
     ("train_profile.py", ["--profile", "0"], "--warmup must be >= 0, --profile and --rows >= 1"),
 ])

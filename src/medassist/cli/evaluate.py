@@ -186,6 +186,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                    train_examples=train, data=data_info, retrieved=retrieved,
                                    retrieval_info=retrieval_info, merge=True)
 
+    if (cached := result.settings.get("base_model_cache") or {}).get("hit"):
+        say(f"base model: answers and scores reused from {cached['path']} (computed {cached.get('created')})")
     output = Path(args.output) if args.output else None
     report = Path(args.report) if args.report else None
     if run_dir is not None and not args.data:

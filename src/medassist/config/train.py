@@ -102,6 +102,10 @@ class EvalConfig(GenerationSettings):
         "within 2e-4 relative of fp32, bench/RESULTS.md) or fp32. Generated answers are always decoded in "
         "the generation `dtype`.")
     baselines: bool = Field(True, description="`evaluate`: also score the base model and 'repeat the question'.")
+    cache_base_model: bool = Field(
+        True, description="Reuse the base model's scored answers from an earlier evaluation whose base weights, "
+        "prompts, references, settings, medassist code and libraries are all the same ($MEDASSIST_CACHE/"
+        "baselines, default ~/.cache/medassist; the result's settings say when it was used).")
     factual_model: str = Field(
         "offline", description="Factual-consistency scorer: `offline` (facts + idf, no model) or an MNLI-style "
         "classifier (hub id or local folder).")

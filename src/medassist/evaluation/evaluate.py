@@ -132,12 +132,23 @@ def evaluate_examples(
     examples = list(examples)
     passages = passages_of(retrieved)
     ppl = dict(ppl_batch_size=ecfg.perplexity_batch_size, ppl_dtype=perplexity_dtype(ecfg))
-    base = None
+    base = cache = None
     if ecfg.baselines and base_model is not None:  # first: a LoRA model is its own base until merged
         with base_model() as base_lm:
-            base = score_model(Engine(base_lm, engine.fmt, engine.family), examples, settings, scorer,
-                               progress=progress, label="base model", factual=factual, name="base_model",
-                               passages=passages, **ppl)
+            base_engine = Engine(base_lm, engine.fmt, engine.family, batching=engine.batching)
+            if ecfg.cache_base_model:
+                from medassist.evaluation.cache import BaselineCache, key_parts
+
+                cache = BaselineCache(key_parts(base_lm, base_engine, examples, settings, scorer, factual, passages,
+                                                ppl))
+                base = cache.load()
+                if base is not None and progress:
+                    progress("base model: scored answers from the cache", len(examples))(len(examples))
+            if base is None:
+                base = score_model(base_engine, examples, settings, scorer, progress=progress, label="base model",
+                                   factual=factual, name="base_model", passages=passages, **ppl)
+                if cache is not None:
+                    cache.save(base)
         if passages is not None:
             base.label = "the base model with retrieval"
     if merge:
@@ -176,6 +187,8 @@ def evaluate_examples(
     if train_examples is not None:
         data.train_examples = len(train_examples)
     settings_used = _settings(engine, ecfg, settings, scorer, factual, source, {"model": main, **baselines}, seed)
+    if cache is not None:
+        settings_used["base_model_cache"] = cache.info
     grounding = None
     if retrieved is not None:
         grounding = _grounding(engine, examples, retrieved, {"model": main, **baselines}, factual,

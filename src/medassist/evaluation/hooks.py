@@ -106,6 +106,8 @@ def evaluate_run_after_training(run: RunDir, model, fmt: PromptFormat, family: M
                                    base_model=base, source=str(run.path), train_examples=train_examples, data=data,
                                    retrieved=retrieved, retrieval_info=sources.info() if sources is not None else None,
                                    progress=progress, merge=True)  # final/ is saved; scored merged, as served
+    if (cached := result.settings.get("base_model_cache") or {}).get("hit"):
+        log(f"base model: answers and scores reused from {cached['path']} (computed {cached.get('created')})")
     html = write_report(result, run.report_dir("test"), metrics_path=run.metrics_file,
                         title=f"medassist evaluation: {run.name} (test split)")
     result.report_html = str(html)

@@ -1,0 +1,152 @@
+"""The base model's scored answers are reused only when everything they depend on is the same."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medassist.config import EvalConfig, TrainConfig
+from medassist.data import QAExample
+from medassist.engine import Engine
+from medassist.evaluation import base_model_context, evaluate_examples, get_bert_scorer
+from medassist.evaluation import evaluate as evaluate_module
+from medassist.evaluation.cache import BaselineCache, key_parts
+from medassist.evaluation.metrics import factual_scorer_for, perplexity_dtype
+from medassist.models import load_pretrained
+
+EXAMPLES = [
+    QAExample("What does insulin do?", "Insulin helps glucose move from the blood into cells.", row=1),
+    QAExample("What is asthma?", "A long-term disease in which the airways swell and narrow.", row=2),
+    QAExample("Is influenza contagious?", "Yes, it spreads through droplets when people cough.", row=3),
+]
+ECFG = EvalConfig(max_new_tokens=6, retrieval_baseline=False, bootstrap_resamples=200)
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return get_bert_scorer("minilm-l6")
+
+
+def adapted(seed: int, system_prompt: str | None = None):
+    """tiny-qwen3 with a LoRA adapter whose B matrices are random (``seed``): a trained-like adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok, family = load_pretrained("tiny-qwen3")
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    cfg = TrainConfig().model_copy(update={"system_prompt": system_prompt}) if system_prompt else None
+    return peft_model.eval(), family.make_format(tok, cfg), family
+
+
+def run(model, fmt, family, scorer, ecfg=ECFG, examples=EXAMPLES):
+    return evaluate_examples(Engine(model, fmt, family), examples, ecfg, scorer=scorer,
+                             base_model=base_model_context(model, None))
+
+
+def test_a_second_run_reuses_the_base_answers_even_with_another_adapter(scorer, baseline_cache, monkeypatch):
+    calls = []
+    score_model = evaluate_module.score_model
+    monkeypatch.setattr(evaluate_module, "score_model",
+                        lambda *a, **k: calls.append(k.get("name", "model")) or score_model(*a, **k))
+    first = run(*adapted(seed=0), scorer)
+    assert calls == ["base_model", "model"]
+    info = first.settings["base_model_cache"]
+    assert info["hit"] is False and info["saved"] is True and list(baseline_cache.iterdir()) == [
+        baseline_cache / f"{info['key']}.json"]
+
+    calls.clear()
+    second = run(*adapted(seed=1), scorer)  # another adapter, the same base model
+    assert calls == ["model"]  # the base model neither generated nor was scored again
+    info2 = second.settings["base_model_cache"]
+    assert info2["hit"] is True and info2["key"] == info["key"] and info2["created"]
+    assert second.model.generated != first.model.generated  # the adapter matters to the model's answers
+    b1, b2 = first.baselines["base_model"], second.baselines["base_model"]
+    assert b2.generated == b1.generated and b2.per_example == b1.per_example
+    assert (b2.perplexity, b2.bertscore_f1, b2.answers) == (b1.perplexity, b1.bertscore_f1, b1.answers)
+    assert "cache_load_seconds" in b2.timing and info2["computed_timing"] == b1.timing
+    # the comparisons with the base model use the stored per-example values
+    fresh = run(*adapted(seed=1), scorer, ecfg=ECFG.model_copy(update={"cache_base_model": False}))
+    assert "base_model_cache" not in fresh.settings
+    assert fresh.baselines["base_model"].per_example == b2.per_example
+    same = [(c.metric, c.difference, c.ci_low, c.ci_high) for c in fresh.comparisons if c.baseline == "base_model"]
+    assert same == [(c.metric, c.difference, c.ci_low, c.ci_high) for c in second.comparisons
+                    if c.baseline == "base_model"]
+
+
+def parts_for(scorer, model=None, fmt=None, family=None, ecfg=ECFG, examples=EXAMPLES):
+    if model is None:
+        model, fmt, family = adapted(seed=0)
+    ppl = dict(ppl_batch_size=ecfg.perplexity_batch_size, ppl_dtype=perplexity_dtype(ecfg))
+    with model.disable_adapter():
+        return key_parts(model, Engine(model, fmt, family), examples, ecfg.generation(seed=42), scorer,
+                         factual_scorer_for(ecfg), None, ppl)
+
+
+def perturbed_weight():
+    model, fmt, family = adapted(seed=0)
+    with torch.no_grad():
+        model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight[0, 0] += 1e-3
+    return dict(model=model, fmt=fmt, family=family)
+
+
+CHANGES = {
+    "a base weight": perturbed_weight,
+    "the system prompt": lambda: dict(zip(("model", "fmt", "family"), adapted(seed=0, system_prompt="Be brief."))),
+    "max_new_tokens": lambda: dict(ecfg=ECFG.model_copy(update={"max_new_tokens": 7})),
+    "bf16 generation": lambda: dict(ecfg=ECFG.model_copy(update={"dtype": "bf16"})),
+    "a reference answer": lambda: dict(examples=[*EXAMPLES[:2], QAExample(EXAMPLES[2].question, "No.", row=3)]),
+    "the perplexity precision": lambda: dict(ecfg=ECFG.model_copy(update={  # auto is bf16 on a bf16 CPU
+        "perplexity_precision": "fp32" if perplexity_dtype(ECFG) is not None else "bf16"})),
+    "the thread count": "threads",
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_every_change_that_could_alter_the_base_results_is_a_miss(scorer, change):
+    reference = BaselineCache(parts_for(scorer)).key
+    assert BaselineCache(parts_for(scorer)).key == reference  # deterministic: the same inputs, the same key
+    if CHANGES[change] == "threads":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads + 1)
+        try:
+            changed = BaselineCache(parts_for(scorer)).key
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        changed = BaselineCache(parts_for(scorer, **CHANGES[change]())).key
+    assert changed != reference
+
+
+def test_a_torn_entry_is_recomputed_and_replaced(scorer, baseline_cache):
+    model, fmt, family = adapted(seed=0)
+    first = run(model, fmt, family, scorer)
+    path = baseline_cache / f"{first.settings['base_model_cache']['key']}.json"
+    path.write_text('{"created": "2026-12-07", "result": {"name": ', encoding="utf-8")
+    again = run(*adapted(seed=0), scorer)
+    assert again.settings["base_model_cache"]["hit"] is False
+    assert again.baselines["base_model"].generated == first.baselines["base_model"].generated
+    assert json.loads(path.read_text(encoding="utf-8"))["result"]["generated"] == first.baselines[
+        "base_model"].generated
+    assert run(*adapted(seed=0), scorer).settings["base_model_cache"]["hit"] is True
+
+
+def test_cache_off_writes_nothing(scorer, baseline_cache):
+    result = run(*adapted(seed=0), scorer, ecfg=ECFG.model_copy(update={"cache_base_model": False}))
+    assert "base_model" in result.baselines and list(baseline_cache.iterdir()) == []
+
+
+def test_the_report_says_when_the_base_results_came_from_the_cache(scorer, tmp_path):
+    from medassist.evaluation.report import write_report
+
+    pages = {}
+    for name in ("computed", "cached"):
+        result = run(*adapted(seed=0), scorer)
+        pages[name] = write_report(result, tmp_path / name, None, "t").read_text(encoding="utf-8")
+    assert "come from medassist's cache" not in pages["computed"]
+    assert "come from medassist's cache" in pages["cached"]
