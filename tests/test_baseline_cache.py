@@ -150,3 +150,25 @@ def test_the_report_says_when_the_base_results_came_from_the_cache(scorer, tmp_p
         pages[name] = write_report(result, tmp_path / name, None, "t").read_text(encoding="utf-8")
     assert "come from medassist's cache" not in pages["computed"]
     assert "come from medassist's cache" in pages["cached"]
+
+
+def test_what_training_leaves_behind_does_not_change_the_key(scorer, monkeypatch):
+    """Found on a real run: the report after training missed the entry ``medassist evaluate``
+    wrote, because training sets ``use_cache: false`` and inductor puts setuptools' vendored
+    packages on ``sys.path`` (so more distributions showed). Neither changes an answer."""
+    from medassist.evaluation import cache
+
+    reference = BaselineCache(parts_for(scorer)).key
+    model, fmt, family = adapted(seed=0)
+    model.config.use_cache = False
+    import setuptools
+    from pathlib import Path
+
+    vendored = Path(setuptools.__file__).parent / "_vendor"
+    if vendored.is_dir():
+        monkeypatch.syspath_prepend(str(vendored))
+    cache.environment.cache_clear()
+    try:
+        assert BaselineCache(parts_for(scorer, model=model, fmt=fmt, family=family)).key == reference
+    finally:
+        cache.environment.cache_clear()

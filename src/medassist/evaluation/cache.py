@@ -43,7 +43,9 @@ from medassist.evaluation.results import SystemResult
 
 log = logging.getLogger("medassist.evaluation.cache")
 _ADAPTER_PARTS = ("lora_", ".modules_to_save.")  # PEFT's weights: unused while the adapter is disabled
-_VOLATILE_CONFIG = ("_name_or_path", "_commit_hash", "transformers_version")  # not what the model computes
+# not what the model computes: training sets use_cache false, the engine asks for the cache itself
+_VOLATILE_CONFIG = ("_name_or_path", "_commit_hash", "transformers_version", "use_cache")
+_LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "bert_score", "numpy", "safetensors")
 
 
 def cache_dir() -> Path:
@@ -84,8 +86,21 @@ def code_digest() -> str:
 
 @lru_cache(maxsize=1)
 def environment() -> dict[str, Any]:
-    """Installed distributions, Python, CPU model and flags: what changes numerics across machines."""
-    dists = sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"])
+    """The distributions installed in site-packages (not what an import adds to ``sys.path``
+    later: inductor adds setuptools' vendored packages), the versions of the libraries actually
+    imported, Python, the CPU's model and flags: what changes numerics across machines."""
+    import importlib
+    import site
+
+    folders = [f for f in [*site.getsitepackages(), site.getusersitepackages()] if Path(f).is_dir()]
+    dists = sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions(path=folders)
+                   if d.metadata["Name"])
+    loaded = {}
+    for name in _LIBRARIES:
+        try:
+            loaded[name] = getattr(importlib.import_module(name), "__version__", "?")
+        except ImportError:
+            loaded[name] = None
     cpu = platform.processor()
     try:
         lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
@@ -93,7 +108,7 @@ def environment() -> dict[str, Any]:
                          for key in ("model name", "flags"))
     except OSError:
         pass
-    return {"distributions": _digest("\n".join(dists)), "python": platform.python_version(),
+    return {"distributions": _digest("\n".join(dists)), "libraries": loaded, "python": platform.python_version(),
             "machine": platform.machine(), "cpu": _digest(cpu)}
 
 
@@ -128,7 +143,7 @@ def key_parts(base_lm, engine, examples: Sequence, settings, scorer, factual, pa
     factual_name = getattr(factual, "name", str(factual))
     return {
         "weights": weights_digest(base_lm),
-        "config": _digest(json.dumps(config, sort_keys=True, default=str)),
+        "config": json.loads(json.dumps(config, sort_keys=True, default=str)),
         "attention": str(getattr(base_lm.config, "_attn_implementation", None)),
         "compiled": any(getattr(m, "_compiled_call_impl", None) is not None for m in base_lm.modules()),
         "stop_ids": stop_ids(base_lm, fmt),
