@@ -172,3 +172,13 @@ def test_what_training_leaves_behind_does_not_change_the_key(scorer, monkeypatch
         assert BaselineCache(parts_for(scorer, model=model, fmt=fmt, family=family)).key == reference
     finally:
         cache.environment.cache_clear()
+
+
+def test_weights_it_cannot_hash_turn_the_cache_off_not_the_evaluation(scorer, baseline_cache):
+    """Weights offloaded to the meta device (accelerate's big-model loading) have no values to
+    hash: the evaluation goes on without the cache instead of failing."""
+    model, fmt, family = adapted(seed=0)
+    model.base_model.model.register_buffer("offloaded", torch.empty(2, device="meta"))
+    result = run(model, fmt, family, scorer)
+    assert result.baselines["base_model"].generated and "base_model_cache" not in result.settings
+    assert list(baseline_cache.iterdir()) == []

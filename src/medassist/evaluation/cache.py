@@ -69,6 +69,8 @@ def weights_digest(model) -> str:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if any(part in name for part in _ADAPTER_PARTS):
             continue
+        if tensor.is_meta:
+            raise ValueError(f"{name} is on the meta device (offloaded): its values cannot be hashed")
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode("utf-8"))
         h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().data)
     return h.hexdigest()
@@ -163,6 +165,18 @@ def key_parts(base_lm, engine, examples: Sequence, settings, scorer, factual, pa
         "code": code_digest(),
         "environment": environment(),
     }
+
+
+def open_entry(base_lm, engine, examples: Sequence, settings, scorer, factual, passages, ppl: dict[str, Any]
+               ) -> "BaselineCache | None":
+    """The cache entry of this base-model evaluation, or None where no key can be computed (weights
+    offloaded to the meta device, an unusual tokenizer): the cache saves time and must never fail
+    an evaluation, so any error here only turns it off for this call, with a warning."""
+    try:
+        return BaselineCache(key_parts(base_lm, engine, examples, settings, scorer, factual, passages, ppl))
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.warning("base-model cache not used for this evaluation: %s", str(exc).splitlines()[0][:160])
+        return None
 
 
 class BaselineCache:

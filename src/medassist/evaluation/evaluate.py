@@ -137,11 +137,10 @@ def evaluate_examples(
         with base_model() as base_lm:
             base_engine = Engine(base_lm, engine.fmt, engine.family, batching=engine.batching)
             if ecfg.cache_base_model:
-                from medassist.evaluation.cache import BaselineCache, key_parts
+                from medassist.evaluation.cache import open_entry
 
-                cache = BaselineCache(key_parts(base_lm, base_engine, examples, settings, scorer, factual, passages,
-                                                ppl))
-                base = cache.load()
+                cache = open_entry(base_lm, base_engine, examples, settings, scorer, factual, passages, ppl)
+                base = cache.load() if cache is not None else None
                 if base is not None and progress:
                     progress("base model: scored answers from the cache", len(examples))(len(examples))
             if base is None:
