@@ -44,6 +44,13 @@ VARIANTS = {
 PHASES = ("setup", "train", "eval", "generation", "save", "report")
 
 
+def _base_model_cached(eval_file: Path) -> bool | None:
+    """Whether the run's report reused the base model's results (None: no report)."""
+    if not eval_file.is_file():
+        return None
+    return bool((json.loads(eval_file.read_text()).get("settings", {}).get("base_model_cache") or {}).get("hit"))
+
+
 def run_variant(name: str, args, out: Path, log) -> dict:
     """One training run in a child process; its progress goes to this terminal."""
     data = common.MEDQUAD if common.MEDQUAD.is_file() else "medquad"
@@ -71,9 +78,7 @@ def run_variant(name: str, args, out: Path, log) -> dict:
         "final_validation_loss": summary["final_validation_loss"],
         "final_validation_perplexity": summary["final_validation_perplexity"],
         "steps": summary["steps"], "precision": summary["precision"], "sets": sets,
-        "base_model_cached": bool((json.loads((out / "eval_test.json").read_text()).get("settings", {})
-                                   .get("base_model_cache") or {}).get("hit")) if (out / "eval_test.json").is_file()
-        else None,
+        "base_model_cached": _base_model_cached(out / "eval_test.json"),
     }
 
 

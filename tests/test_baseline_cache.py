@@ -12,7 +12,7 @@ from medassist.data import QAExample
 from medassist.engine import Engine
 from medassist.evaluation import base_model_context, evaluate_examples, get_bert_scorer
 from medassist.evaluation import evaluate as evaluate_module
-from medassist.evaluation.cache import BaselineCache, key_parts
+from medassist.evaluation.cache import BaselineCache, key_parts, reuse_line
 from medassist.evaluation.metrics import factual_scorer_for, perplexity_dtype
 from medassist.models import load_pretrained
 
@@ -65,6 +65,9 @@ def test_a_second_run_reuses_the_base_answers_even_with_another_adapter(scorer, 
     assert calls == ["model"]  # the base model neither generated nor was scored again
     info2 = second.settings["base_model_cache"]
     assert info2["hit"] is True and info2["key"] == info["key"] and info2["created"]
+    assert reuse_line(first.settings) is None  # what train and evaluate print, only on a hit
+    assert reuse_line(second.settings) == (f"base model: answers and scores reused from {info['path']} "
+                                           f"(computed {info2['created']})")
     assert second.model.generated != first.model.generated  # the adapter matters to the model's answers
     b1, b2 = first.baselines["base_model"], second.baselines["base_model"]
     assert b2.generated == b1.generated and b2.per_example == b1.per_example

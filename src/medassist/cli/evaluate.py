@@ -141,6 +141,7 @@ def _retrieve(args, cfg, run_dir: Path | None, examples, train):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medassist.config import load_config
     from medassist.evaluation import base_model_context, evaluate_examples, scorer_for
+    from medassist.evaluation.cache import reuse_line
     from medassist.evaluation.report import write_report
     from medassist.models import load_for_inference
 
@@ -186,8 +187,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                    train_examples=train, data=data_info, retrieved=retrieved,
                                    retrieval_info=retrieval_info, merge=True)
 
-    if (cached := result.settings.get("base_model_cache") or {}).get("hit"):
-        say(f"base model: answers and scores reused from {cached['path']} (computed {cached.get('created')})")
+    if line := reuse_line(result.settings):
+        say(line)
     output = Path(args.output) if args.output else None
     report = Path(args.report) if args.report else None
     if run_dir is not None and not args.data:

@@ -183,10 +183,10 @@ class BaselineCache:
     """One entry of the cache: :meth:`load` the stored result (None on a miss), :meth:`save` a new one.
     :attr:`info` says what happened, for the result's settings."""
 
-    def __init__(self, parts: dict[str, Any], root: Path | None = None):
+    def __init__(self, parts: dict[str, Any]):
         self.parts = parts
         self.key = _digest(json.dumps(parts, sort_keys=True, default=str))
-        self.path = (root or cache_dir()) / f"{self.key}.json"
+        self.path = cache_dir() / f"{self.key}.json"
         self.info: dict[str, Any] = {"key": self.key, "path": str(self.path), "hit": False}
 
     def load(self) -> SystemResult | None:
@@ -215,3 +215,11 @@ class BaselineCache:
         except OSError as exc:  # a read-only home is no reason to fail an evaluation
             log.warning("%s: cannot write the cache entry (%s)", self.path, exc)
             self.info["saved"] = False
+
+
+def reuse_line(settings: dict[str, Any]) -> str | None:
+    """What ``train`` and ``evaluate`` say when an evaluation's base model came from the cache."""
+    cached = settings.get("base_model_cache") or {}
+    if not cached.get("hit"):
+        return None
+    return f"base model: answers and scores reused from {cached['path']} (computed {cached.get('created')})"

@@ -13,6 +13,7 @@ from medassist.data import QAExample, read_split
 from medassist.distributed import is_main_process
 from medassist.engine import Engine
 from medassist.evaluation.baselines import base_model_context
+from medassist.evaluation.cache import reuse_line
 from medassist.evaluation.evaluate import METRIC_KEYS, evaluate_examples, format_line, score_model
 from medassist.evaluation.metrics import factual_scorer_for, perplexity_dtype, scorer_for
 from medassist.evaluation.results import DataInfo
@@ -106,8 +107,8 @@ def evaluate_run_after_training(run: RunDir, model, fmt: PromptFormat, family: M
                                    base_model=base, source=str(run.path), train_examples=train_examples, data=data,
                                    retrieved=retrieved, retrieval_info=sources.info() if sources is not None else None,
                                    progress=progress, merge=True)  # final/ is saved; scored merged, as served
-    if (cached := result.settings.get("base_model_cache") or {}).get("hit"):
-        log(f"base model: answers and scores reused from {cached['path']} (computed {cached.get('created')})")
+    if line := reuse_line(result.settings):
+        log(line)
     html = write_report(result, run.report_dir("test"), metrics_path=run.metrics_file,
                         title=f"medassist evaluation: {run.name} (test split)")
     result.report_html = str(html)
