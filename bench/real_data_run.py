@@ -15,9 +15,10 @@ Variants: ``default`` (the recipe as shipped: the validation loss over a seeded 
 ``eval.loss_limit`` rows, perplexity under the run's precision), ``all-rows``
 (``eval.loss_limit: null``, every validation row, as every run did before issue 14) and
 ``fp32-perplexity`` (``eval.perplexity_precision: fp32``). Each starts with an empty cache of
-base-model results (``MEDASSIST_BASELINE_CACHE``), so every report scores the base model, except
-``warm-cache``: the default recipe again, after ``default``, with the entry ``default`` left
-(what a user's second run finds: the base model's answers and scores reused). The last line is
+baseline results (``MEDASSIST_BASELINE_CACHE``), so every report scores every baseline, except
+``warm-cache``: the default recipe again, after ``default``, with the entries ``default`` left
+(what a user's second run finds: the base model's, the nearest training question's and the
+repeated question's answers and scores reused). The last line is
 ``ratio: X.XX``, the wall time of ``all-rows`` over ``default`` where both ran.
 """
 
@@ -39,16 +40,17 @@ VARIANTS = {
     "default": [],
     "all-rows": ["eval.loss_limit=null"],
     "fp32-perplexity": ["eval.perplexity_precision=fp32"],
-    "warm-cache": [],  # the default recipe, with the base-model cache that ``default`` filled
+    "warm-cache": [],  # the default recipe, with the baseline cache that ``default`` filled
 }
 PHASES = ("setup", "train", "eval", "generation", "save", "report")
 
 
-def _base_model_cached(eval_file: Path) -> bool | None:
-    """Whether the run's report reused the base model's results (None: no report)."""
+def _baselines_cached(eval_file: Path) -> list[str] | None:
+    """The baselines whose results the run's report reused from the cache (None: no report)."""
     if not eval_file.is_file():
         return None
-    return bool((json.loads(eval_file.read_text()).get("settings", {}).get("base_model_cache") or {}).get("hit"))
+    cached = json.loads(eval_file.read_text()).get("settings", {}).get("baseline_cache") or {}
+    return [name for name, info in cached.items() if info.get("hit")]
 
 
 def run_variant(name: str, args, out: Path, log) -> dict:
@@ -78,7 +80,7 @@ def run_variant(name: str, args, out: Path, log) -> dict:
         "final_validation_loss": summary["final_validation_loss"],
         "final_validation_perplexity": summary["final_validation_perplexity"],
         "steps": summary["steps"], "precision": summary["precision"], "sets": sets,
-        "base_model_cached": _base_model_cached(out / "eval_test.json"),
+        "baselines_cached": _baselines_cached(out / "eval_test.json"),
     }
 
 

@@ -56,26 +56,28 @@ def test_a_second_run_reuses_the_base_answers_even_with_another_adapter(scorer, 
                         lambda *a, **k: calls.append(k.get("name", "model")) or score_model(*a, **k))
     first = run(*adapted(seed=0), scorer)
     assert calls == ["base_model", "model"]
-    info = first.settings["base_model_cache"]
-    assert info["hit"] is False and info["saved"] is True and list(baseline_cache.iterdir()) == [
-        baseline_cache / f"{info['key']}.json"]
+    info = first.settings["baseline_cache"]["base_model"]
+    entries = first.settings["baseline_cache"]
+    assert sorted(entries) == ["base_model", "repeat_question"]  # no training rows: no nearest-question baseline
+    assert info["hit"] is False and info["saved"] is True and sorted(baseline_cache.iterdir()) == sorted(
+        baseline_cache / f"{e['key']}.json" for e in entries.values())
 
     calls.clear()
     second = run(*adapted(seed=1), scorer)  # another adapter, the same base model
     assert calls == ["model"]  # the base model neither generated nor was scored again
-    info2 = second.settings["base_model_cache"]
+    info2 = second.settings["baseline_cache"]["base_model"]
     assert info2["hit"] is True and info2["key"] == info["key"] and info2["created"]
     assert reuse_line(first.settings) is None  # what train and evaluate print, only on a hit
-    assert reuse_line(second.settings) == (f"base model: answers and scores reused from {info['path']} "
-                                           f"(computed {info2['created']})")
+    assert reuse_line(second.settings) == (f"baselines reused from the cache (base_model, repeat_question): "
+                                           f"answers and scores from {baseline_cache} (computed {info2['created']})")
     assert second.model.generated != first.model.generated  # the adapter matters to the model's answers
     b1, b2 = first.baselines["base_model"], second.baselines["base_model"]
     assert b2.generated == b1.generated and b2.per_example == b1.per_example
     assert (b2.perplexity, b2.bertscore_f1, b2.answers) == (b1.perplexity, b1.bertscore_f1, b1.answers)
     assert "cache_load_seconds" in b2.timing and info2["computed_timing"] == b1.timing
     # the comparisons with the base model use the stored per-example values
-    fresh = run(*adapted(seed=1), scorer, ecfg=ECFG.model_copy(update={"cache_base_model": False}))
-    assert "base_model_cache" not in fresh.settings
+    fresh = run(*adapted(seed=1), scorer, ecfg=ECFG.model_copy(update={"cache_baselines": False}))
+    assert "baseline_cache" not in fresh.settings
     assert fresh.baselines["base_model"].per_example == b2.per_example
     same = [(c.metric, c.difference, c.ci_low, c.ci_high) for c in fresh.comparisons if c.baseline == "base_model"]
     assert same == [(c.metric, c.difference, c.ci_low, c.ci_high) for c in second.comparisons
@@ -129,18 +131,18 @@ def test_every_change_that_could_alter_the_base_results_is_a_miss(scorer, change
 def test_a_torn_entry_is_recomputed_and_replaced(scorer, baseline_cache):
     model, fmt, family = adapted(seed=0)
     first = run(model, fmt, family, scorer)
-    path = baseline_cache / f"{first.settings['base_model_cache']['key']}.json"
+    path = baseline_cache / f"{first.settings['baseline_cache']['base_model']['key']}.json"
     path.write_text('{"created": "2026-12-07", "result": {"name": ', encoding="utf-8")
     again = run(*adapted(seed=0), scorer)
-    assert again.settings["base_model_cache"]["hit"] is False
+    assert again.settings["baseline_cache"]["base_model"]["hit"] is False
     assert again.baselines["base_model"].generated == first.baselines["base_model"].generated
     assert json.loads(path.read_text(encoding="utf-8"))["result"]["generated"] == first.baselines[
         "base_model"].generated
-    assert run(*adapted(seed=0), scorer).settings["base_model_cache"]["hit"] is True
+    assert run(*adapted(seed=0), scorer).settings["baseline_cache"]["base_model"]["hit"] is True
 
 
 def test_cache_off_writes_nothing(scorer, baseline_cache):
-    result = run(*adapted(seed=0), scorer, ecfg=ECFG.model_copy(update={"cache_base_model": False}))
+    result = run(*adapted(seed=0), scorer, ecfg=ECFG.model_copy(update={"cache_baselines": False}))
     assert "base_model" in result.baselines and list(baseline_cache.iterdir()) == []
 
 
@@ -183,5 +185,74 @@ def test_weights_it_cannot_hash_turn_the_cache_off_not_the_evaluation(scorer, ba
     model, fmt, family = adapted(seed=0)
     model.base_model.model.register_buffer("offloaded", torch.empty(2, device="meta"))
     result = run(model, fmt, family, scorer)
-    assert result.baselines["base_model"].generated and "base_model_cache" not in result.settings
-    assert list(baseline_cache.iterdir()) == []
+    assert result.baselines["base_model"].generated and "base_model" not in result.settings["baseline_cache"]
+    assert [p.name for p in baseline_cache.iterdir()] == [  # the other baselines still cached
+        f"{result.settings['baseline_cache']['repeat_question']['key']}.json"]
+
+
+TRAIN = [
+    QAExample("What does insulin do in the body?", "It lowers blood sugar.", row=10),
+    QAExample("What are the symptoms of asthma?", "Wheezing and shortness of breath.", row=11),
+    QAExample("How does the flu spread?", "Through droplets from coughs and sneezes.", row=12),
+]
+
+
+def test_the_text_baselines_are_reused_and_a_changed_training_row_is_a_miss(scorer, baseline_cache, monkeypatch):
+    """The nearest-training-question and repeated-question baselines answer without a model: a
+    second run with another adapter reuses them (no embedding, no scoring), identically."""
+    calls = []
+    for name in ("nearest_training_answers", "score_texts"):
+        real = getattr(evaluate_module, name)
+        monkeypatch.setattr(evaluate_module, name,
+                            lambda *a, _n=name, _f=real, **k: calls.append((_n, a[0] if _n == "score_texts" else ""))
+                            or _f(*a, **k))
+    ecfg = ECFG.model_copy(update={"retrieval_baseline": True})
+
+    def go(seed, train=TRAIN):
+        model, fmt, family = adapted(seed=seed)
+        return evaluate_examples(Engine(model, fmt, family), EXAMPLES, ecfg, scorer=scorer, train_examples=train,
+                                 base_model=base_model_context(model, None))
+
+    first = go(0)
+    assert ("nearest_training_answers", "") in calls and ("score_texts", "repeat_question") in calls
+    assert sorted(first.settings["baseline_cache"]) == ["base_model", "nearest_training_answer", "repeat_question"]
+    calls.clear()
+    second = go(1)
+    assert calls == [("score_texts", "model")]  # only the tuned model was scored again
+    for name in ("nearest_training_answer", "repeat_question"):
+        a, b = first.baselines[name], second.baselines[name]
+        assert b.generated == a.generated and b.per_example == a.per_example and b.answers == a.answers
+        assert second.settings["baseline_cache"][name]["hit"] is True
+    assert second.baselines["nearest_training_answer"].answer_source_rows == [10, 11, 12]
+    assert [r.baselines["nearest_training_answer"].text for r in second.examples] == [
+        r.baselines["nearest_training_answer"].text for r in first.examples]
+
+    calls.clear()
+    edited = [*TRAIN[:2], QAExample(TRAIN[2].question, "Flu spreads through the air.", row=12)]
+    third = go(1, edited)  # one training answer changed: the nearest-question baseline is computed again
+    assert ("nearest_training_answers", "") in calls and ("score_texts", "repeat_question") not in calls
+    assert third.settings["baseline_cache"]["nearest_training_answer"]["hit"] is False
+    assert third.baselines["nearest_training_answer"].generated[2] == "Flu spreads through the air."
+
+
+def test_a_custom_question_encoder_is_never_cached(scorer, baseline_cache):
+    """An ``embed`` function has no name to key it by: that baseline is computed every time."""
+    model, fmt, family = adapted(seed=0)
+    ecfg = ECFG.model_copy(update={"retrieval_baseline": True})
+
+    def embed(texts):
+        import numpy as np
+
+        vectors = np.array([[len(t), t.count("a") + 1.0] for t in texts], dtype=np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    for _ in range(2):
+        result = evaluate_examples(Engine(model, fmt, family), EXAMPLES, ecfg, scorer=scorer, train_examples=TRAIN,
+                                   embed=embed)
+        assert "nearest_training_answer" in result.baselines
+        assert "nearest_training_answer" not in result.settings["baseline_cache"]
+
+
+def test_the_former_setting_name_still_turns_the_cache_off():
+    assert EvalConfig.model_validate({"cache_base_model": False}).cache_baselines is False
+    assert EvalConfig.model_validate({}).cache_baselines is True

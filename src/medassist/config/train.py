@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -102,10 +102,11 @@ class EvalConfig(GenerationSettings):
         "within 2e-4 relative of fp32, bench/RESULTS.md) or fp32. Generated answers are always decoded in "
         "the generation `dtype`.")
     baselines: bool = Field(True, description="`evaluate`: also score the base model and 'repeat the question'.")
-    cache_base_model: bool = Field(
-        True, description="Reuse the base model's scored answers from an earlier evaluation whose base weights, "
-        "prompts, references, settings, medassist code and libraries are all the same ($MEDASSIST_CACHE/"
-        "baselines, default ~/.cache/medassist; the result's settings say when it was used).")
+    cache_baselines: bool = Field(
+        True, description="Reuse the baselines' scored answers (base model, nearest training question, repeated "
+        "question) from an earlier evaluation where everything they depend on is the same: base weights, prompts, "
+        "references, training rows, settings, medassist's code and libraries ($MEDASSIST_CACHE/baselines, "
+        "default ~/.cache/medassist; the result's settings say when it was used).")
     factual_model: str = Field(
         "offline", description="Factual-consistency scorer: `offline` (facts + idf, no model) or an MNLI-style "
         "classifier (hub id or local folder).")
@@ -115,6 +116,14 @@ class EvalConfig(GenerationSettings):
     retrieval_encoder: str = Field("minilm-l6", description="Encoder that finds the nearest training question.")
     bootstrap_resamples: int = Field(
         2000, ge=100, le=100_000, description="Paired bootstrap resamples for each 95% interval (seeded).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_names(cls, values: Any) -> Any:
+        """``cache_base_model`` (2026-12-07, when only the base model was cached) is ``cache_baselines``."""
+        if isinstance(values, dict) and "cache_base_model" in values and "cache_baselines" not in values:
+            values = {k if k != "cache_base_model" else "cache_baselines": v for k, v in values.items()}
+        return values
 
 
 class RetrievalConfig(Section):

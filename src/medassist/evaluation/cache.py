@@ -1,23 +1,26 @@
-"""The base model's scored answers, kept between runs: the baseline need not be recomputed.
+"""The baselines' scored answers, kept between runs: they need not be recomputed.
 
-Every evaluation scores the untuned base model beside the tuned one (:mod:`.baselines`). Its
-answers and scores depend only on the base weights, the prompts, the references, the generation
-and scoring settings, medassist's own code, the installed libraries and the machine; a second
-run that changes the adapter, the learning rate or the number of steps would compute them again
-unchanged (about 3 of the 20 minutes of the default 100-step run, bench/RESULTS.md). So they
-are stored under a key hashed from *all* of those (lm-eval-harness caches model requests the
-same way) and reused only when every part matches:
+Every evaluation scores the untuned base model, "the answer of the nearest training question"
+and "repeat the question" beside the tuned model (:mod:`.baselines`). None of them depends on
+what was trained: a second run that changes the adapter, the learning rate or the number of
+steps would compute them again unchanged (the base model alone is about 3 of the 20 minutes of
+the default 100-step run; the other two about 30 s of every report, bench/RESULTS.md). So they
+are stored under a key hashed from *everything* they depend on (lm-eval-harness caches model
+requests the same way) and reused only when every part matches:
 
-- the base model's weights and buffers, hashed as they are when it answers (PEFT's adapter
-  weights left out: they are switched off), its config, attention kernel, stop tokens;
-- the prompt token ids (system prompt, chat template, retrieved passages), the tokenizer, the
-  formatter's settings, the questions and references;
-- the generation settings, the batching switch, the BERTScore / factual / perplexity settings;
-- every file of the installed medassist package, the name and version of every installed
-  distribution, Python, the CPU's model and flags, torch's thread count and the device.
+- the questions and references, the BERTScore and factual-consistency settings, every file of
+  the installed medassist package, the name and version of every installed distribution,
+  Python, the CPU's model and flags and torch's thread count (all three baselines);
+- the base model: its weights and buffers, hashed as they are when it answers (PEFT's adapter
+  weights left out: they are switched off), its config, attention kernel, stop tokens; the
+  prompt token ids (system prompt, chat template, retrieved passages), the tokenizer, the
+  formatter's settings; the generation settings, the batching switch, the perplexity settings
+  and the device;
+- the nearest training question: the training rows searched (questions, answers, rows,
+  groups), the asked questions' groups and the question encoder.
 
 A wrong baseline would be a silent wrong verdict, so anything not covered here is a miss, never
-a guess: an unreadable entry is recomputed. ``eval.cache_base_model: false`` turns the cache off;
+a guess: an unreadable entry is recomputed. ``eval.cache_baselines: false`` turns the cache off;
 the entries live in ``$MEDASSIST_CACHE/baselines`` (default ``~/.cache/medassist/baselines``;
 ``$MEDASSIST_BASELINE_CACHE`` names another folder), one JSON file each, with the parts of their
 key in readable form.
@@ -35,7 +38,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -133,6 +136,19 @@ def _path_stamp(name: str) -> Any:
     return [name, [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
 
 
+def _scoring_parts(examples: Sequence, scorer, factual) -> dict[str, Any]:
+    """What every baseline's scores depend on: the examples, the scorers, the code and the machine."""
+    return {
+        "examples": _digest(json.dumps([[ex.question, ex.answer] for ex in examples])),
+        "n_examples": len(examples),
+        "bertscore": scorer.settings(),
+        "factual": _path_stamp(getattr(factual, "name", str(factual))),
+        "threads": torch.get_num_threads(),
+        "code": code_digest(),
+        "environment": environment(),
+    }
+
+
 def key_parts(base_lm, engine, examples: Sequence, settings, scorer, factual, passages, ppl: dict[str, Any]
               ) -> dict[str, Any]:
     """Everything the base model's scored answers depend on (``engine``: the base model's engine)."""
@@ -142,7 +158,6 @@ def key_parts(base_lm, engine, examples: Sequence, settings, scorer, factual, pa
     for key in _VOLATILE_CONFIG:
         config.pop(key, None)
     fmt = engine.fmt
-    factual_name = getattr(factual, "name", str(factual))
     return {
         "weights": weights_digest(base_lm),
         "config": json.loads(json.dumps(config, sort_keys=True, default=str)),
@@ -153,29 +168,35 @@ def key_parts(base_lm, engine, examples: Sequence, settings, scorer, factual, pa
         "format": {"class": type(fmt).__qualname__, **_plain(vars(fmt))},
         "tokenizer": _tokenizer_digest(fmt.tokenizer),
         "prompts": _digest(json.dumps(engine.prompts([ex.question for ex in examples], passages))),
-        "examples": _digest(json.dumps([[ex.question, ex.answer] for ex in examples])),
-        "n_examples": len(examples),
         "generation": settings.model_dump(mode="json"),
         "batching": engine.batching,
-        "bertscore": scorer.settings(),
-        "factual": _path_stamp(factual_name),
         "perplexity": {"batch_size": ppl["ppl_batch_size"], "dtype": str(ppl["ppl_dtype"])},
         "device": str(model_device(base_lm)),
-        "threads": torch.get_num_threads(),
-        "code": code_digest(),
-        "environment": environment(),
+        **_scoring_parts(examples, scorer, factual),
     }
 
 
-def open_entry(base_lm, engine, examples: Sequence, settings, scorer, factual, passages, ppl: dict[str, Any]
-               ) -> "BaselineCache | None":
-    """The cache entry of this base-model evaluation, or None where no key can be computed (weights
+def text_key_parts(name: str, examples: Sequence, scorer, factual, train: Sequence | None = None,
+                   encoder: str | None = None) -> dict[str, Any]:
+    """Everything a baseline that answers without a model depends on: ``repeat_question`` (the
+    questions), ``nearest_training_answer`` (also the training rows searched, the groups that
+    exclude candidates, and the encoder that compares the questions)."""
+    parts = {"system": name, **_scoring_parts(examples, scorer, factual)}
+    if train is not None:
+        parts["train"] = _digest(json.dumps([[ex.question, ex.answer, ex.row, ex.group] for ex in train]))
+        parts["groups"] = _digest(json.dumps([ex.group for ex in examples]))
+        parts["encoder"] = _path_stamp(str(encoder))
+    return parts
+
+
+def open_entry(parts: Callable[[], dict[str, Any]], name: str) -> "BaselineCache | None":
+    """The cache entry keyed by ``parts()``, or None where no key can be computed (weights
     offloaded to the meta device, an unusual tokenizer): the cache saves time and must never fail
-    an evaluation, so any error here only turns it off for this call, with a warning."""
+    an evaluation, so any error here only turns it off for this baseline, with a warning."""
     try:
-        return BaselineCache(key_parts(base_lm, engine, examples, settings, scorer, factual, passages, ppl))
+        return BaselineCache(parts())
     except Exception as exc:  # noqa: BLE001 - see the docstring
-        log.warning("base-model cache not used for this evaluation: %s", str(exc).splitlines()[0][:160])
+        log.warning("%s: baseline cache not used for this evaluation: %s", name, str(exc).splitlines()[0][:160])
         return None
 
 
@@ -218,8 +239,11 @@ class BaselineCache:
 
 
 def reuse_line(settings: dict[str, Any]) -> str | None:
-    """What ``train`` and ``evaluate`` say when an evaluation's base model came from the cache."""
-    cached = settings.get("base_model_cache") or {}
-    if not cached.get("hit"):
+    """What ``train`` and ``evaluate`` say when an evaluation's baselines came from the cache."""
+    hits = {name: info for name, info in (settings.get("baseline_cache") or {}).items() if info.get("hit")}
+    if not hits:
         return None
-    return f"base model: answers and scores reused from {cached['path']} (computed {cached.get('created')})"
+    folder = Path(next(iter(hits.values()))["path"]).parent
+    created = sorted({str(info.get("created")) for info in hits.values()})
+    return (f"baselines reused from the cache ({', '.join(hits)}): answers and scores from {folder} "
+            f"(computed {', '.join(created)})")

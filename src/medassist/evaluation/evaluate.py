@@ -24,6 +24,7 @@ from medassist.formatting import Passage
 from medassist.retrieval.augment import Retrieved, passages_of
 from medassist.evaluation.answers import answer_stats
 from medassist.evaluation.baselines import Embed, encoder_embed, nearest_training_answers
+from medassist.evaluation.cache import key_parts, open_entry, text_key_parts
 from medassist.evaluation.compare import breakdowns, compare, verdict_for
 from medassist.evaluation.metrics import (
     BertScorer, factual_consistency, factual_scorer_for, perplexity_and_accuracy, perplexity_dtype, rouge_l,
@@ -132,22 +133,16 @@ def evaluate_examples(
     examples = list(examples)
     passages = passages_of(retrieved)
     ppl = dict(ppl_batch_size=ecfg.perplexity_batch_size, ppl_dtype=perplexity_dtype(ecfg))
-    base = cache = None
+    cached: dict[str, dict[str, Any]] = {}  # what the baseline cache did, per baseline
+    base = None
     if ecfg.baselines and base_model is not None:  # first: a LoRA model is its own base until merged
         with base_model() as base_lm:
             base_engine = Engine(base_lm, engine.fmt, engine.family, batching=engine.batching)
-            if ecfg.cache_base_model:
-                from medassist.evaluation.cache import open_entry
-
-                cache = open_entry(base_lm, base_engine, examples, settings, scorer, factual, passages, ppl)
-                base = cache.load() if cache is not None else None
-                if base is not None and progress:
-                    progress("base model: scored answers from the cache", len(examples))(len(examples))
-            if base is None:
-                base = score_model(base_engine, examples, settings, scorer, progress=progress, label="base model",
-                                   factual=factual, name="base_model", passages=passages, **ppl)
-                if cache is not None:
-                    cache.save(base)
+            base = _cached("base_model", ecfg.cache_baselines, cached, progress, len(examples),
+                           lambda: key_parts(base_lm, base_engine, examples, settings, scorer, factual, passages, ppl),
+                           lambda: score_model(base_engine, examples, settings, scorer, progress=progress,
+                                               label="base model", factual=factual, name="base_model",
+                                               passages=passages, **ppl))
         if passages is not None:
             base.label = "the base model with retrieval"
     if merge:
@@ -168,26 +163,26 @@ def evaluate_examples(
     else:
         notes["base_model"] = "eval.baselines is false"
     if ecfg.retrieval_baseline and train_examples:
-        update = progress("nearest training question", len(examples)) if progress else None
-        found = nearest_training_answers(list(train_examples), examples, embed or encoder_embed(ecfg.retrieval_encoder))
-        if update:
-            update(len(examples))
-        retrieval = score_texts("nearest_training_answer", [h.answer if h else "" for h in found], examples,
-                                scorer, factual)
-        retrieval.answer_source_rows = [h.row if h else None for h in found]
-        baselines["nearest_training_answer"] = retrieval
+        train = list(train_examples)
+        baselines["nearest_training_answer"] = _cached(
+            "nearest_training_answer", ecfg.cache_baselines and embed is None, cached, progress, len(examples),
+            lambda: text_key_parts("nearest_training_answer", examples, scorer, factual, train, ecfg.retrieval_encoder),
+            lambda: _nearest_answers(train, examples, embed or encoder_embed(ecfg.retrieval_encoder), scorer, factual,
+                                     progress))
     else:
         notes["nearest_training_answer"] = ("eval.retrieval_baseline is false" if not ecfg.retrieval_baseline
                                             else "no training split to search (evaluate a run directory for it)")
-    baselines["repeat_question"] = score_texts("repeat_question", [ex.question for ex in examples], examples,
-                                               scorer, factual)
+    baselines["repeat_question"] = _cached(
+        "repeat_question", ecfg.cache_baselines, cached, progress, len(examples),
+        lambda: text_key_parts("repeat_question", examples, scorer, factual),
+        lambda: score_texts("repeat_question", [ex.question for ex in examples], examples, scorer, factual))
 
     data = data or DataInfo(n_examples=len(examples))
     if train_examples is not None:
         data.train_examples = len(train_examples)
     settings_used = _settings(engine, ecfg, settings, scorer, factual, source, {"model": main, **baselines}, seed)
-    if cache is not None:
-        settings_used["base_model_cache"] = cache.info
+    if cached:
+        settings_used["baseline_cache"] = cached
     grounding = None
     if retrieved is not None:
         grounding = _grounding(engine, examples, retrieved, {"model": main, **baselines}, factual,
@@ -200,6 +195,37 @@ def evaluate_examples(
         for row, r, kept in zip(result.examples, retrieved, in_prompt):
             row.sources = [SourceRef(title=h.title, url=h.url, score=h.score, focus=h.focus, in_prompt=j < kept,
                                      relevant=_relevant(h, row.meta)) for j, h in enumerate(r.hits)]
+    return result
+
+
+def _cached(name: str, enabled: bool, infos: dict[str, dict[str, Any]], progress: ProgressFactory | None,
+            n: int, parts: Callable[[], dict[str, Any]], compute: Callable[[], SystemResult]) -> SystemResult:
+    """Baseline ``name`` from the cache (:mod:`.cache`) where ``enabled`` and an entry has the same
+    key, else computed (and stored where ``enabled``); ``infos[name]`` says which."""
+    entry = open_entry(parts, name) if enabled else None
+    result = entry.load() if entry is not None else None
+    if result is not None and progress:
+        progress(f"{BASELINE_LABELS.get(name, name)}: scored answers from the cache", n)(n)
+    if result is None:
+        started = time.perf_counter()
+        result = compute()
+        result.timing = result.timing or {"seconds": time.perf_counter() - started}
+        if entry is not None:
+            entry.save(result)
+    if entry is not None:
+        infos[name] = entry.info
+    return result
+
+
+def _nearest_answers(train: list[QAExample], examples: list[QAExample], embed: Embed, scorer: BertScorer, factual,
+                     progress: ProgressFactory | None) -> SystemResult:
+    """The nearest-training-question baseline, scored (:func:`.baselines.nearest_training_answers`)."""
+    update = progress("nearest training question", len(examples)) if progress else None
+    found = nearest_training_answers(train, examples, embed)
+    if update:
+        update(len(examples))
+    result = score_texts("nearest_training_answer", [h.answer if h else "" for h in found], examples, scorer, factual)
+    result.answer_source_rows = [h.row if h else None for h in found]
     return result
 
 
