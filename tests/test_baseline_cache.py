@@ -155,6 +155,7 @@ def test_the_report_says_when_the_base_results_came_from_the_cache(scorer, tmp_p
         pages[name] = write_report(result, tmp_path / name, None, "t").read_text(encoding="utf-8")
     assert "come from medassist's cache" not in pages["computed"]
     assert "come from medassist's cache" in pages["cached"]
+    assert "the base model (computed " in pages["cached"] and "</code>) come from medassist's cache" in pages["cached"]
 
 
 def test_what_training_leaves_behind_does_not_change_the_key(scorer, monkeypatch):
@@ -256,3 +257,30 @@ def test_a_custom_question_encoder_is_never_cached(scorer, baseline_cache):
 def test_the_former_setting_name_still_turns_the_cache_off():
     assert EvalConfig.model_validate({"cache_base_model": False}).cache_baselines is False
     assert EvalConfig.model_validate({}).cache_baselines is True
+
+
+def test_the_folder_keeps_the_most_recently_used_entries(scorer, baseline_cache, monkeypatch):
+    """The cache does not grow without bound: writing an entry deletes all but the MAX_ENTRIES most
+    recently *used* ones, and a hit counts as a use."""
+    import os
+
+    from medassist.evaluation import cache
+
+    first = run(*adapted(seed=0), scorer)
+    used = sorted(baseline_cache / f"{info['key']}.json" for info in first.settings["baseline_cache"].values())
+    stale = []
+    for i in range(3):  # entries of other runs, written after these
+        path = baseline_cache / f"other{i}.json"
+        path.write_text("{}", encoding="utf-8")
+        os.utime(path, ns=((100 + i) * 10**9,) * 2)
+        stale.append(path)
+    for path in used:
+        os.utime(path, ns=(10**9, 10**9))  # written long before the others ...
+    monkeypatch.setattr(cache, "MAX_ENTRIES", 4)
+    again = run(*adapted(seed=1), scorer)  # ... and used again now: all hits
+    assert all(info["hit"] for info in again.settings["baseline_cache"].values())
+    entry = BaselineCache({"another": "key"})
+    entry.save(again.baselines["repeat_question"])
+    assert entry.info["pruned"] == 2
+    assert sorted(baseline_cache.iterdir()) == sorted([*used, stale[2], entry.path])
+    assert cache.prune(baseline_cache, keep=0) == 4 and list(baseline_cache.iterdir()) == []

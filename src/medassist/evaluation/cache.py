@@ -23,7 +23,8 @@ A wrong baseline would be a silent wrong verdict, so anything not covered here i
 a guess: an unreadable entry is recomputed. ``eval.cache_baselines: false`` turns the cache off;
 the entries live in ``$MEDASSIST_CACHE/baselines`` (default ``~/.cache/medassist/baselines``;
 ``$MEDASSIST_BASELINE_CACHE`` names another folder), one JSON file each, with the parts of their
-key in readable form.
+key in readable form. The folder keeps the ``MAX_ENTRIES`` most recently used entries (about
+100 KB each for 150 questions); older ones are deleted when a new one is written.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ log = logging.getLogger("medassist.evaluation.cache")
 _ADAPTER_PARTS = ("lora_", ".modules_to_save.")  # PEFT's weights: unused while the adapter is disabled
 # not what the model computes: training sets use_cache false, the engine asks for the cache itself
 _VOLATILE_CONFIG = ("_name_or_path", "_commit_hash", "transformers_version", "use_cache")
+MAX_ENTRIES = 200  # entries kept in the cache folder, the most recently used
 _LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "bert_score", "numpy", "safetensors")
 
 
@@ -221,6 +223,10 @@ class BaselineCache:
             log.warning("%s: unreadable cache entry, recomputing (%s)", self.path, str(exc).splitlines()[0][:120])
             return None
         self.info.update(hit=True, created=stored.get("created"), computed_timing=result.timing)
+        try:
+            os.utime(self.path)  # used now: the last to be pruned
+        except OSError:
+            pass
         result.timing = {"cache_load_seconds": time.perf_counter() - started}
         return result
 
@@ -233,9 +239,30 @@ class BaselineCache:
             tmp.write_text(json.dumps(entry, default=str), encoding="utf-8")
             os.replace(tmp, self.path)  # atomic: a reader sees the whole entry or none
             self.info["saved"] = True
+            self.info["pruned"] = prune(self.path.parent)
         except OSError as exc:  # a read-only home is no reason to fail an evaluation
             log.warning("%s: cannot write the cache entry (%s)", self.path, exc)
             self.info["saved"] = False
+
+
+def prune(folder: Path, keep: int | None = None) -> int:
+    """Delete all but the ``keep`` (default :data:`MAX_ENTRIES`) most recently used entries in
+    ``folder``; returns how many were deleted. Files another process deletes first are skipped."""
+    keep = MAX_ENTRIES if keep is None else keep
+    entries = []
+    for path in folder.glob("*.json"):
+        try:
+            entries.append((path.stat().st_mtime_ns, path.name, path))
+        except OSError:
+            continue
+    deleted = 0
+    for _, _, path in sorted(entries, reverse=True)[keep:]:
+        try:
+            path.unlink()
+            deleted += 1
+        except OSError:
+            continue
+    return deleted
 
 
 def reuse_line(settings: dict[str, Any]) -> str | None:
